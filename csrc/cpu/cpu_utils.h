@@ -1,0 +1,123 @@
+// Helpers shared by the CPU kernels: vector load/store in the accumulation
+// type, the Vectorized specialization of the shared element math, and the
+// (sample, chunk) parallel loop every schedule kernel uses.
+//
+// Each csrc/cpu/*_kernel.cpp is compiled once per CPU capability (DEFAULT,
+// AVX2, AVX512) into its own extension module; fastdiff/_C_loader.py loads the
+// one matching the running CPU, which registers the CPU kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
+
+#include "fastdiff/schedule_math.h"
+
+namespace fastdiff {
+
+template <typename T>
+struct ElementOps<at::vec::Vectorized<T>> {
+  using V = at::vec::Vectorized<T>;
+  static V exp(V v) { return v.exp(); }
+  // maximum/minimum propagate NaN, as torch.clamp does.
+  static V clamp(V v, V lo, V hi) { return at::vec::minimum(at::vec::maximum(v, lo), hi); }
+  static V pass_inside(V g, V v, V lo, V hi) {
+    return V::blendv(V(T(0)), g, (v >= lo) & (v <= hi));
+  }
+};
+
+namespace cpu {
+
+// Loads and stores of scalar_t memory as vectors of the accumulation type
+// (float for half/bfloat16/float, double for double).
+template <typename scalar_t>
+struct VecIO {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  static constexpr int64_t kSize = Vec::size();
+
+  static Vec load(const scalar_t* p, int64_t n) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return n == kSize ? Vec::loadu(p) : Vec::loadu(p, n);
+    } else {
+      if (n == kSize) {
+        Vec out;
+        at::vec::load_to_float(p, out);
+        return out;
+      }
+      acc_t buf[kSize] = {};
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(p[i]);
+      return Vec::loadu(buf);
+    }
+  }
+
+  static void store(scalar_t* p, const Vec& v, int64_t n) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (n == kSize) {
+        v.store(p);
+      } else {
+        v.store(p, n);
+      }
+    } else {
+      if (n == kSize) {
+        at::vec::convert_from_float<scalar_t>(v, v).store(p, kSize);
+        return;
+      }
+      acc_t buf[kSize];
+      v.store(buf);
+      for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(buf[i]);
+    }
+  }
+};
+
+// Fixed work split: chunk boundaries depend only on the shape, never on the
+// thread count, so per-chunk partial sums (and the losses built from them)
+// are bitwise identical from run to run and machine to machine.
+constexpr int64_t kChunk = 16384;
+
+inline int64_t num_chunks(int64_t per_sample) {
+  return per_sample == 0 ? 0 : (per_sample + kChunk - 1) / kChunk;
+}
+
+// Calls body(b, begin, end) for each (sample b, chunk [begin, end)) in parallel.
+template <typename F>
+void parallel_over_chunks(int64_t batch, int64_t per_sample, const F& body) {
+  const int64_t chunks = num_chunks(per_sample);
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t b = task / chunks;
+      const int64_t begin = (task % chunks) * kChunk;
+      const int64_t end = std::min(begin + kChunk, per_sample);
+      body(b, begin, end);
+    }
+  });
+}
+
+// Calls f(offset, n) over [begin, end) in vector-sized steps plus one tail.
+template <typename scalar_t, typename F>
+inline void vector_steps(int64_t begin, int64_t end, const F& f) {
+  constexpr int64_t kSize = VecIO<scalar_t>::kSize;
+  int64_t i = begin;
+  for (; i + kSize <= end; i += kSize) f(i, kSize);
+  if (i < end) f(i, end - i);
+}
+
+// Timesteps index the table: out-of-range values are rejected before any read.
+// t_prev may be negative (alpha_bar_prev = 1).
+inline void check_timesteps(const at::Tensor& t, const char* name, const at::Tensor& table,
+                            bool allow_negative) {
+  const int64_t* p = t.const_data_ptr<int64_t>();
+  const int64_t num_timesteps = table.size(0);
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    TORCH_CHECK(p[i] < num_timesteps && (allow_negative || p[i] >= 0), "fastdiff: ", name, "[",
+                i, "] = ", p[i], " is outside [", allow_negative ? "-inf" : "0", ", ",
+                num_timesteps, ")");
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastdiff

@@ -1,0 +1,41 @@
+// The one place every fastdiff operator schema is declared. Kernels register
+// against these names: csrc/cpu/*_kernel.cpp (built per CPU capability into
+// fastdiff._C_cpu_<cap>) and csrc/cuda/*_kernel.cu (built into fastdiff._C).
+// Fake kernels and autograd live in fastdiff/ops/<op>.py.
+//
+// Integer codes: fastdiff/schedule_math.h (PredictionType, VarianceType).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastdiff, m) {
+  m.def("q_sample(Tensor x0, Tensor noise, Tensor t, Tensor table) -> Tensor");
+  m.def("_q_sample_bwd(Tensor grad_out, Tensor t, Tensor table) -> (Tensor, Tensor)");
+  m.def(
+      "diffusion_loss(Tensor model_output, Tensor x0, Tensor noise, Tensor t, Tensor table, "
+      "int prediction_type, float snr_gamma) -> Tensor");
+  m.def(
+      "_diffusion_loss_bwd(Tensor grad_loss, Tensor model_output, Tensor x0, Tensor noise, "
+      "Tensor t, Tensor table, int prediction_type, float snr_gamma) -> Tensor");
+  m.def(
+      "ddpm_step(Tensor model_output, Tensor sample, Tensor? noise, Tensor t, Tensor t_prev, "
+      "Tensor table, int prediction_type, int variance_type, bool clip_sample, "
+      "float clip_sample_range) -> Tensor");
+  m.def(
+      "_ddpm_step_bwd(Tensor grad_out, Tensor model_output, Tensor sample, Tensor? noise, "
+      "Tensor t, Tensor t_prev, Tensor table, int prediction_type, int variance_type, "
+      "bool clip_sample, float clip_sample_range) -> (Tensor, Tensor)");
+  m.def(
+      "ddim_step(Tensor model_output, Tensor sample, Tensor? noise, Tensor t, Tensor t_prev, "
+      "Tensor table, int prediction_type, float eta, bool clip_sample, float clip_sample_range, "
+      "bool use_clipped_model_output) -> Tensor");
+  m.def(
+      "_ddim_step_bwd(Tensor grad_out, Tensor model_output, Tensor sample, Tensor t, "
+      "Tensor t_prev, Tensor table, int prediction_type, float eta, bool clip_sample, "
+      "float clip_sample_range, bool use_clipped_model_output) -> (Tensor, Tensor)");
+}
+
+// Importable as a Python module so `import fastdiff._C` loads the library.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

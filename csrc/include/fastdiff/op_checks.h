@@ -1,0 +1,96 @@
+// Host-side argument checks shared by the CPU and CUDA entry points. The
+// Python layer (fastdiff/ops) validates user input with readable messages and
+// normalizes layouts; these checks guard the C++ contract when the ops are
+// called directly through torch.ops.fastdiff.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+
+#include "fastdiff/schedule_math.h"
+
+namespace fastdiff {
+
+// Every per-sample tensor is B blocks of numel / B elements, batch outermost
+// and dense: contiguous NCHW and channels_last both qualify.
+inline int64_t per_sample_numel(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() >= 1, "fastdiff: ", name, " must have a batch dimension, got shape ",
+              x.sizes());
+  TORCH_CHECK(x.is_non_overlapping_and_dense(), "fastdiff: ", name,
+              " must be dense (call .contiguous()), got strides ", x.strides());
+  const int64_t batch = x.size(0);
+  const int64_t n = batch == 0 ? 0 : x.numel() / batch;
+  TORCH_CHECK(batch <= 1 || x.stride(0) == n, "fastdiff: ", name,
+              " must have its batch dimension outermost in memory, got strides ", x.strides());
+  return n;
+}
+
+inline void check_like(const at::Tensor& x, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
+  TORCH_CHECK(x.sizes() == ref.sizes(), "fastdiff: ", name, " shape ", x.sizes(),
+              " does not match ", ref_name, " shape ", ref.sizes());
+  TORCH_CHECK(x.strides() == ref.strides(), "fastdiff: ", name, " strides ", x.strides(),
+              " differ from ", ref_name, " strides ", ref.strides());
+  TORCH_CHECK(x.scalar_type() == ref.scalar_type(), "fastdiff: ", name, " dtype ",
+              x.scalar_type(), " differs from ", ref_name, " dtype ", ref.scalar_type());
+  TORCH_CHECK(x.device() == ref.device(), "fastdiff: ", name, " is on ", x.device(), " but ",
+              ref_name, " is on ", ref.device());
+}
+
+// t / t_prev: int64 (B,); table: (T, kNumColumns) contiguous in the opmath type.
+inline void check_schedule(const at::Tensor& ref, const at::Tensor& t, const char* t_name,
+                           const at::Tensor& table) {
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == ref.size(0),
+              "fastdiff: ", t_name, " must be int64 of shape (", ref.size(0), "), got ",
+              t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "fastdiff: ", t_name, " must be contiguous");
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == kNumColumns && table.is_contiguous(),
+              "fastdiff: schedule table must be contiguous (T, ", int(kNumColumns), "), got ",
+              table.sizes());
+  TORCH_CHECK(table.scalar_type() == at::toOpMathType(ref.scalar_type()),
+              "fastdiff: schedule table dtype ", table.scalar_type(), " must be ",
+              at::toOpMathType(ref.scalar_type()), " for ", ref.scalar_type(), " inputs");
+  TORCH_CHECK(t.device() == ref.device() && table.device() == ref.device(), "fastdiff: ",
+              t_name, " (", t.device(), ") and the schedule table (", table.device(),
+              ") must be on the inputs' device ", ref.device());
+}
+
+inline void check_floating(const at::Tensor& x, const char* name) {
+  const auto s = x.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16,
+              "fastdiff: ", name, " must be float32/float64/float16/bfloat16, got ", s);
+}
+
+inline void check_codes(int64_t prediction_type, int64_t variance_type) {
+  TORCH_CHECK(prediction_type >= kEpsilon && prediction_type <= kVPrediction,
+              "fastdiff: invalid prediction_type code ", prediction_type);
+  TORCH_CHECK(variance_type >= kFixedSmall && variance_type <= kLearnedRange,
+              "fastdiff: invalid variance_type code ", variance_type);
+}
+
+inline bool is_learned(int64_t variance_type) {
+  return variance_type == kLearned || variance_type == kLearnedRange;
+}
+
+// model_output of a step: same layout as sample, or (B, 2C, ...) contiguous
+// with the predicted variance in the second half of the channels.
+inline void check_step_model_output(const at::Tensor& model_output, const at::Tensor& sample,
+                                    int64_t variance_type) {
+  if (is_learned(variance_type)) {
+    TORCH_CHECK(sample.dim() >= 2 && model_output.dim() == sample.dim() &&
+                    model_output.size(0) == sample.size(0) &&
+                    model_output.size(1) == 2 * sample.size(1) &&
+                    model_output.sizes().slice(2) == sample.sizes().slice(2),
+                "fastdiff: learned variance needs model_output of shape (B, 2C, ...) for "
+                "sample ", sample.sizes(), ", got ", model_output.sizes());
+    TORCH_CHECK(model_output.is_contiguous() && sample.is_contiguous(),
+                "fastdiff: learned variance needs contiguous model_output and sample");
+    TORCH_CHECK(model_output.scalar_type() == sample.scalar_type() &&
+                    model_output.device() == sample.device(),
+                "fastdiff: model_output and sample must share dtype and device");
+  } else {
+    check_like(model_output, "model_output", sample, "sample");
+  }
+}
+
+}  // namespace fastdiff

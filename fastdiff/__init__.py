@@ -1,0 +1,29 @@
+"""fastdiff: fused training and sampling kernels for diffusion models and VAEs.
+
+Every op runs on one of the backends ``reference`` (eager PyTorch), ``cpu`` (C++),
+``cuda`` (C++/CUDA) and ``triton``, chosen per call (``backend=``), per block
+(``fastdiff.use_backend``) or by FASTDIFF_BACKEND; "auto" picks the fastest usable one.
+Import never fails: ``fastdiff.info()`` says what was built and what can run.
+"""
+from . import _C_loader  # noqa: F401  (loads the extension, recording failures)
+from ._backend import BACKENDS, BackendError, use_backend
+from ._info import info
+from .ops.ddim_step import ddim_step
+from .ops.ddpm_step import ddpm_step
+from .ops.diffusion_loss import diffusion_loss
+from .ops.q_sample import q_sample
+from .schedule import NoiseSchedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "NoiseSchedule",
+    "ddim_step",
+    "ddpm_step",
+    "diffusion_loss",
+    "info",
+    "q_sample",
+    "use_backend",
+]

@@ -1,0 +1,121 @@
+"""Backend registry and dispatch.
+
+A backend is chosen per call by ``backend=``, else by ``fastdiff.use_backend``,
+else by the FASTDIFF_BACKEND environment variable, else "auto". Auto walks a
+priority list per device and skips what cannot run; an explicit choice that
+cannot run raises with the reasons of every backend (xformers'
+not_supported_reasons idea).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+
+import torch
+
+from . import _C_loader
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+# Auto priority per device type. On CUDA the C++ kernels come first: for these
+# memory-bound elementwise ops both fused backends move the same bytes.
+AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+_current = contextvars.ContextVar("fastdiff_backend", default=None)
+
+
+class BackendError(RuntimeError):
+    """No backend can run the requested op."""
+
+
+def _check_name(name):
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with fastdiff.use_backend("triton"): ...`` selects the backend of every op inside."""
+    token = _current.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def requested_backend(backend=None) -> tuple[str, str]:
+    """(name, where it came from)."""
+    if backend is not None:
+        return _check_name(backend), "backend= argument"
+    ctx = _current.get()
+    if ctx is not None:
+        return ctx, "fastdiff.use_backend"
+    env = os.environ.get("FASTDIFF_BACKEND")
+    if env:
+        try:
+            return _check_name(env), "FASTDIFF_BACKEND"
+        except ValueError as e:
+            raise ValueError(f"FASTDIFF_BACKEND: {e}") from None
+    return "auto", "default"
+
+
+def triton_available() -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    return True, ""
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def reasons_not_usable(name: str, op: str, device: torch.device) -> list[str]:
+    """Why ``name`` cannot run ``op`` on ``device`` (empty list: it can)."""
+    why = []
+    if name == "reference":
+        return why
+    if name in ("cpu", "cuda"):
+        if not _C_loader.loaded_main:
+            why.append(f"fastdiff._C failed to load ({_C_loader.errors.get('_C', 'not built')})")
+            return why
+        if name == "cpu":
+            if device.type != "cpu":
+                why.append(f"tensors are on {device}, the cpu backend needs CPU tensors")
+            elif not _C_loader.has_kernel(op, "CPU"):
+                why.append("no CPU kernel loaded (" + "; ".join(
+                    f"{k}: {v}" for k, v in _C_loader.errors.items()) + ")")
+        else:
+            if device.type != "cuda":
+                why.append(f"tensors are on {device}, the cuda backend needs CUDA tensors")
+            elif not _C_loader.has_kernel(op, "CUDA"):
+                why.append("fastdiff._C was built without CUDA kernels (see fastdiff.info())")
+        return why
+    if name == "triton":
+        ok, msg = triton_available()
+        if not ok:
+            why.append(msg)
+        elif device.type == "cpu" and not interpret_mode():
+            why.append("triton runs CPU tensors only under TRITON_INTERPRET=1")
+        elif device.type not in ("cpu", "cuda"):
+            why.append(f"triton does not run on {device.type} tensors")
+        return why
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def select(op: str, device: torch.device, backend=None) -> str:
+    name, source = requested_backend(backend)
+    if name != "auto":
+        why = reasons_not_usable(name, op, device)
+        if why:
+            lines = [f"backend {name!r} (from {source}) cannot run fastdiff.{op} on {device}:"]
+            for b in BACKENDS:
+                r = reasons_not_usable(b, op, device)
+                lines.append(f"  {b}: {'usable' if not r else '; '.join(r)}")
+            raise BackendError("\n".join(lines))
+        return name
+    for b in AUTO_ORDER.get(device.type, ("reference",)):
+        if not reasons_not_usable(b, op, device):
+            return b
+    return "reference"

@@ -1,0 +1,103 @@
+"""fastdiff.diffusion_loss: the diffusion training loss with the target built in-kernel."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .._backend import select
+from ._common import (check_choice, check_schedule, check_tensor, op_namespace, opmath_dtype, register,
+                      same_layout, timesteps)
+
+PREDICTION_TYPES = reference.PREDICTION_TYPES
+REDUCTIONS = ("mean", "none")
+
+
+def diffusion_loss(model_output, x0, noise, t, schedule, prediction_type="epsilon", snr_gamma=None,
+                   reduction="mean", *, backend=None):
+    """MSE between ``model_output`` and the training target, per sample or averaged.
+
+    target: ``noise`` (epsilon), ``x0`` (sample) or ``sqrt(ab) noise - sqrt(1-ab) x0``
+    (v_prediction), never materialized. ``snr_gamma`` applies min-SNR-gamma weights per
+    sample as diffusers' training examples do. ``reduction="none"`` gives the (B,) per-sample
+    losses (each the mean over its elements, times its weight); "mean" their mean. The loss is
+    accumulated in fp32 (fp64 for fp64 inputs) and returned in model_output's dtype.
+    Mixed dtypes (a bf16 model output against fp32 x0/noise under autocast) are promoted.
+    """
+    check_tensor(model_output, "model_output")
+    check_tensor(x0, "x0")
+    check_tensor(noise, "noise")
+    out_dtype = model_output.dtype
+    dtype = torch.promote_types(model_output.dtype, torch.promote_types(x0.dtype, noise.dtype))
+    model_output, x0, noise = model_output.to(dtype), x0.to(dtype), noise.to(dtype)
+    check_tensor(x0, "x0", like=model_output, like_name="model_output")
+    check_tensor(noise, "noise", like=model_output, like_name="model_output")
+    check_schedule(schedule)
+    pred = check_choice(prediction_type, "prediction_type", PREDICTION_TYPES)
+    check_choice(reduction, "reduction", REDUCTIONS)
+    if snr_gamma is not None and (not isinstance(snr_gamma, (int, float)) or isinstance(snr_gamma, bool)
+                                  or not snr_gamma > 0):
+        raise ValueError(f"snr_gamma must be a positive number or None, got {snr_gamma!r}")
+    batch = model_output.shape[0]
+    if batch == 0 and reduction == "mean":
+        raise ValueError("diffusion_loss: empty batch (model_output.shape[0] == 0) has no mean loss")
+    t = timesteps(t, "t", batch, model_output.device, schedule.num_timesteps)
+    name = select("diffusion_loss", model_output.device, backend)
+    if name == "reference":
+        loss = reference.diffusion_loss(model_output, x0, noise, t, schedule, prediction_type, snr_gamma, "none")
+    else:
+        model_output, x0, noise = same_layout(model_output, x0, noise)
+        table = schedule.table(model_output.device, opmath_dtype(model_output.dtype))
+        loss = op_namespace(name).diffusion_loss(model_output, x0, noise, t, table, pred,
+                                                 float(snr_gamma or 0.0))
+    loss = loss.to(out_dtype)
+    return loss.mean() if reduction == "mean" else loss
+
+
+def _fake(model_output, x0, noise, t, table, prediction_type, snr_gamma):
+    return model_output.new_empty((model_output.shape[0],), dtype=table.dtype)
+
+
+def _fake_bwd(grad_loss, model_output, x0, noise, t, table, prediction_type, snr_gamma):
+    return torch.empty_like(model_output)
+
+
+def _setup_context(ctx, inputs, output):
+    model_output, x0, noise, t, table, prediction_type, snr_gamma = inputs
+    ctx.save_for_backward(model_output, x0, noise, t, table)
+    ctx.prediction_type, ctx.snr_gamma = prediction_type, snr_gamma
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_loss):
+        model_output, x0, noise, t, table = ctx.saved_tensors
+        grad_m = bwd_op(grad_loss.contiguous(), model_output, x0, noise, t, table, ctx.prediction_type,
+                        ctx.snr_gamma)
+        grad_x0 = grad_noise = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # target = c_noise * noise + c_x0 * x0, and dL/dtarget = -dL/dm.
+            shape = (-1,) + (1,) * (model_output.dim() - 1)
+            c_noise = (torch.ones_like(table[t, 0]), torch.zeros_like(table[t, 0]), table[t, 2])[ctx.prediction_type]
+            c_x0 = (torch.zeros_like(table[t, 0]), torch.ones_like(table[t, 0]), -table[t, 3])[ctx.prediction_type]
+            if ctx.needs_input_grad[1]:
+                grad_x0 = (-grad_m * c_x0.view(shape)).to(x0.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_noise = (-grad_m * c_noise.view(shape)).to(noise.dtype)
+        return (grad_m if ctx.needs_input_grad[0] else None), grad_x0, grad_noise, None, None, None, None
+
+    return backward
+
+
+def _triton_fwd(model_output, x0, noise, t, table, prediction_type, snr_gamma):
+    from ..kernels import diffusion_loss as k
+
+    return k.diffusion_loss_fwd(model_output, x0, noise, t, table, prediction_type, snr_gamma)
+
+
+def _triton_bwd(grad_loss, model_output, x0, noise, t, table, prediction_type, snr_gamma):
+    from ..kernels import diffusion_loss as k
+
+    return k.diffusion_loss_bwd(grad_loss, model_output, x0, noise, t, table, prediction_type, snr_gamma)
+
+
+register("diffusion_loss", "_diffusion_loss_bwd", _fake, _fake_bwd, _setup_context, _make_backward,
+         _triton_fwd, _triton_bwd)

@@ -1,0 +1,134 @@
+"""Eager PyTorch for every fastdiff op: the test oracle, the benchmark baseline
+(what a user writes today, following diffusers and improved-diffusion) and the
+`reference` backend.
+
+Conventions: per-sample coefficients are gathered from the schedule by t and
+cast to the input dtype before use, as diffusers' add_noise does; autograd
+provides the backward.
+"""
+from __future__ import annotations
+
+import torch
+
+from .schedule import NoiseSchedule
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
+
+
+def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """values[t] shaped (B, 1, ..., 1) to broadcast against ``like``, in like's dtype."""
+    out = values.to(like.device)[t].to(like.dtype)
+    return out.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _alpha_bar_prev(schedule: NoiseSchedule, t_prev: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    ac = schedule.alphas_cumprod.to(like.device)
+    prev = torch.where(t_prev >= 0, ac[t_prev.clamp_min(0)], torch.ones_like(ac[:1]))
+    return prev.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def q_sample(x0, t, noise, schedule: NoiseSchedule):
+    """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise (DDPMScheduler.add_noise)."""
+    return _gather(schedule.sqrt_alphas_cumprod, t, x0) * x0 + _gather(
+        schedule.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+
+def training_target(x0, noise, t, schedule: NoiseSchedule, prediction_type="epsilon"):
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "v_prediction":  # DDPMScheduler.get_velocity
+        return _gather(schedule.sqrt_alphas_cumprod, t, x0) * noise - _gather(
+            schedule.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def min_snr_weights(t, schedule: NoiseSchedule, snr_gamma: float, prediction_type="epsilon"):
+    """Min-SNR-gamma loss weights per sample, as diffusers' training examples compute them."""
+    snr = schedule.snr(t).float()
+    w = torch.clamp(snr, max=snr_gamma)
+    if prediction_type == "epsilon":
+        w = w / snr
+    elif prediction_type == "v_prediction":
+        w = w / (snr + 1)
+    return w
+
+
+def diffusion_loss(model_output, x0, noise, t, schedule: NoiseSchedule, prediction_type="epsilon",
+                   snr_gamma=None, reduction="mean"):
+    """MSE between the model output and the training target (diffusers' train loop)."""
+    target = training_target(x0, noise, t, schedule, prediction_type)
+    loss = torch.nn.functional.mse_loss(model_output.float(), target.float(), reduction="none")
+    loss = loss.mean(dim=list(range(1, loss.dim())))
+    if snr_gamma is not None:
+        loss = loss * min_snr_weights(t, schedule, snr_gamma, prediction_type).to(loss.device)
+    loss = loss.to(model_output.dtype)
+    return loss.mean() if reduction == "mean" else loss
+
+
+def predict_x0_eps(model_output, sample, t, schedule: NoiseSchedule, prediction_type):
+    """(x0_hat, eps_hat) from the model output, per prediction type."""
+    sa = _gather(schedule.sqrt_alphas_cumprod, t, sample)
+    s1 = _gather(schedule.sqrt_one_minus_alphas_cumprod, t, sample)
+    if prediction_type == "epsilon":
+        return (sample - s1 * model_output) / sa, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - sa * model_output) / s1
+    if prediction_type == "v_prediction":
+        return sa * sample - s1 * model_output, sa * model_output + s1 * sample
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def ddpm_step(model_output, t, sample, schedule: NoiseSchedule, noise=None, prediction_type="epsilon",
+              variance_type="fixed_small", clip_sample=True, clip_sample_range=1.0, t_prev=None):
+    """DDPMScheduler.step(...).prev_sample with t a (B,) tensor; improved DDPM's std for the
+    log/learned variance types (std = exp(0.5 * log-variance))."""
+    if variance_type in ("learned", "learned_range"):
+        model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
+    if t_prev is None:
+        t_prev = t - 1
+    ab = _gather(schedule.alphas_cumprod, t, sample)
+    abp = _alpha_bar_prev(schedule, t_prev, sample)
+    x0, _ = predict_x0_eps(model_output, sample, t, schedule, prediction_type)
+    if clip_sample:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    alpha_t = ab / abp
+    beta_t = 1 - alpha_t
+    mean = (abp.sqrt() * beta_t / (1 - ab)) * x0 + (alpha_t.sqrt() * (1 - abp) / (1 - ab)) * sample
+    if noise is None:
+        return mean
+    var = ((1 - abp) / (1 - ab) * beta_t).clamp_min(1e-20)
+    if variance_type in ("fixed_small", "fixed_small_log"):
+        std = var.sqrt()
+    elif variance_type in ("fixed_large", "fixed_large_log"):
+        std = beta_t.sqrt()
+    elif variance_type == "learned":
+        std = torch.exp(0.5 * predicted_variance)
+    elif variance_type == "learned_range":
+        frac = (predicted_variance + 1) / 2
+        std = torch.exp(0.5 * (frac * beta_t.log() + (1 - frac) * var.log()))
+    else:
+        raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+    nonzero = (t > 0).to(sample.dtype).view(-1, *([1] * (sample.dim() - 1)))
+    return mean + nonzero * std * noise
+
+
+def ddim_step(model_output, t, t_prev, sample, schedule: NoiseSchedule, eta=0.0, noise=None,
+              prediction_type="epsilon", clip_sample=False, clip_sample_range=1.0,
+              use_clipped_model_output=False):
+    """DDIMScheduler.step(...).prev_sample with per-sample t / t_prev (t_prev < 0: alpha_bar = 1)."""
+    ab = _gather(schedule.alphas_cumprod, t, sample)
+    abp = _alpha_bar_prev(schedule, t_prev, sample)
+    x0, eps = predict_x0_eps(model_output, sample, t, schedule, prediction_type)
+    if clip_sample:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    if use_clipped_model_output:
+        eps = (sample - ab.sqrt() * x0) / (1 - ab).sqrt()
+    variance = (1 - abp) / (1 - ab) * (1 - ab / abp)
+    sigma = eta * variance.clamp_min(0).sqrt()
+    out = abp.sqrt() * x0 + (1 - abp - sigma**2).clamp_min(0).sqrt() * eps
+    if eta > 0 and noise is not None:
+        out = out + sigma * noise
+    return out
