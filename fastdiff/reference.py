@@ -47,7 +47,7 @@ def training_target(x0, noise, t, schedule: NoiseSchedule, prediction_type="epsi
 
 def min_snr_weights(t, schedule: NoiseSchedule, snr_gamma: float, prediction_type="epsilon"):
     """Min-SNR-gamma loss weights per sample, as diffusers' training examples compute them."""
-    snr = schedule.snr(t).float()
+    snr = schedule.snr(t)
     w = torch.clamp(snr, max=snr_gamma)
     if prediction_type == "epsilon":
         w = w / snr
@@ -60,10 +60,11 @@ def diffusion_loss(model_output, x0, noise, t, schedule: NoiseSchedule, predicti
                    snr_gamma=None, reduction="mean"):
     """MSE between the model output and the training target (diffusers' train loop)."""
     target = training_target(x0, noise, t, schedule, prediction_type)
-    loss = torch.nn.functional.mse_loss(model_output.float(), target.float(), reduction="none")
+    acc = torch.promote_types(model_output.dtype, torch.float32)  # diffusers: .float()
+    loss = torch.nn.functional.mse_loss(model_output.to(acc), target.to(acc), reduction="none")
     loss = loss.mean(dim=list(range(1, loss.dim())))
     if snr_gamma is not None:
-        loss = loss * min_snr_weights(t, schedule, snr_gamma, prediction_type).to(loss.device)
+        loss = loss * min_snr_weights(t, schedule, snr_gamma, prediction_type).to(loss)
     loss = loss.to(model_output.dtype)
     return loss.mean() if reduction == "mean" else loss
 

@@ -1,7 +1,7 @@
 """Noise schedules: betas and every quantity the DDPM/DDIM math derives from them.
 
-Everything is computed in float64 on the host (as improved-diffusion does) and
-cast once per (device, dtype) into the kernels' table of shape (T, 4):
+Everything is computed in float64 on the host (as improved-diffusion does); the
+kernels read a float64 table of shape (T, 4) on the device:
 [alpha_bar, 1 - alpha_bar, sqrt(alpha_bar), sqrt(1 - alpha_bar)]
 (csrc/include/fastdiff/schedule_math.h, TableColumn).
 """
@@ -117,8 +117,9 @@ class NoiseSchedule:
         out._tables = {}
         return out
 
-    def table(self, device, dtype=torch.float32) -> torch.Tensor:
-        """The kernels' (T, 4) table on ``device`` in ``dtype`` (cached)."""
+    def table(self, device, dtype=torch.float64) -> torch.Tensor:
+        """The kernels' (T, 4) table on ``device`` (cached). The kernels take it in float64 and
+        derive each sample's coefficients in float64 before the element math."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())

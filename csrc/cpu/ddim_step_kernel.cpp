@@ -42,14 +42,14 @@ at::Tensor ddim_step_cpu(const at::Tensor& model_output,          // (B, ...) li
     using IO = VecIO<scalar_t>;
     using acc_t = typename IO::acc_t;
     using Vec = typename IO::Vec;
-    const acc_t* tab = table.const_data_ptr<acc_t>();
+    const double* tab = table.const_data_ptr<double>();
     const scalar_t* m_p = model_output.const_data_ptr<scalar_t>();
     const scalar_t* x_p = sample.const_data_ptr<scalar_t>();
     const scalar_t* noise_p = noise.has_value() ? noise->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
     const acc_t range = acc_t(clip_sample_range);
     parallel_over_chunks(sample.size(0), n, [&](int64_t b, int64_t begin, int64_t end) {
-      const auto c = ddim_coeffs(tab, t_ptr[b], tp_ptr[b], int(prediction_type), acc_t(eta));
+      const auto c = ddim_coeffs(tab, t_ptr[b], tp_ptr[b], int(prediction_type), eta).template to<acc_t>();
       const bool read_noise = c.sigma != acc_t(0);
       const int64_t base = b * n;
       vector_steps<scalar_t>(begin, end, [&](int64_t i, int64_t len) {
@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_bwd_cpu(
     using IO = VecIO<scalar_t>;
     using acc_t = typename IO::acc_t;
     using Vec = typename IO::Vec;
-    const acc_t* tab = table.const_data_ptr<acc_t>();
+    const double* tab = table.const_data_ptr<double>();
     const scalar_t* g_p = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* m_p = model_output.const_data_ptr<scalar_t>();
     const scalar_t* x_p = sample.const_data_ptr<scalar_t>();
@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_bwd_cpu(
     scalar_t* gx_p = grad_x.mutable_data_ptr<scalar_t>();
     const acc_t range = acc_t(clip_sample_range);
     parallel_over_chunks(sample.size(0), n, [&](int64_t b, int64_t begin, int64_t end) {
-      const auto c = ddim_coeffs(tab, t_ptr[b], tp_ptr[b], int(prediction_type), acc_t(eta));
+      const auto c = ddim_coeffs(tab, t_ptr[b], tp_ptr[b], int(prediction_type), eta).template to<acc_t>();
       const int64_t base = b * n;
       vector_steps<scalar_t>(begin, end, [&](int64_t i, int64_t len) {
         const Vec g = IO::load(g_p + base + i, len);

@@ -59,14 +59,14 @@ at::Tensor ddpm_step_cpu(const at::Tensor& model_output,           // (B, C|2C, 
     using IO = VecIO<scalar_t>;
     using acc_t = typename IO::acc_t;
     using Vec = typename IO::Vec;
-    const acc_t* tab = table.const_data_ptr<acc_t>();
+    const double* tab = table.const_data_ptr<double>();
     const scalar_t* m_p = model_output.const_data_ptr<scalar_t>();
     const scalar_t* x_p = sample.const_data_ptr<scalar_t>();
     const scalar_t* noise_p = noise.has_value() ? noise->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
     const acc_t range = acc_t(clip_sample_range);
     parallel_over_chunks(sample.size(0), a.n, [&](int64_t b, int64_t begin, int64_t end) {
-      const auto c = ddpm_coeffs(tab, t_ptr[b], tp_ptr[b], int(prediction_type), vt);
+      const auto c = ddpm_coeffs(tab, t_ptr[b], tp_ptr[b], int(prediction_type), vt).template to<acc_t>();
       const int64_t base = b * a.n, m_base = b * a.m_stride;
       vector_steps<scalar_t>(begin, end, [&](int64_t i, int64_t len) {
         const Vec zero(acc_t(0));
@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_bwd_cpu(
     using IO = VecIO<scalar_t>;
     using acc_t = typename IO::acc_t;
     using Vec = typename IO::Vec;
-    const acc_t* tab = table.const_data_ptr<acc_t>();
+    const double* tab = table.const_data_ptr<double>();
     const scalar_t* g_p = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* m_p = model_output.const_data_ptr<scalar_t>();
     const scalar_t* x_p = sample.const_data_ptr<scalar_t>();
@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_bwd_cpu(
     scalar_t* gx_p = grad_x.mutable_data_ptr<scalar_t>();
     const acc_t range = acc_t(clip_sample_range);
     parallel_over_chunks(sample.size(0), a.n, [&](int64_t b, int64_t begin, int64_t end) {
-      const auto c = ddpm_coeffs(tab, t_ptr[b], tp_ptr[b], int(prediction_type), vt);
+      const auto c = ddpm_coeffs(tab, t_ptr[b], tp_ptr[b], int(prediction_type), vt).template to<acc_t>();
       const int64_t base = b * a.n, m_base = b * a.m_stride;
       vector_steps<scalar_t>(begin, end, [&](int64_t i, int64_t len) {
         const Vec zero(acc_t(0));

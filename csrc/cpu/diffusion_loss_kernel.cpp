@@ -34,7 +34,8 @@ at::Tensor diffusion_loss_cpu(const at::Tensor& model_output,  // (B, ...) float
   check_loss_args(model_output, x0, noise, t, table, prediction_type);
   const int64_t batch = model_output.size(0);
   const int64_t n = batch == 0 ? 0 : model_output.numel() / batch;
-  at::Tensor loss = at::empty({batch}, model_output.options().dtype(table.scalar_type()));
+  const auto acc_type = at::toOpMathType(model_output.scalar_type());
+  at::Tensor loss = at::empty({batch}, model_output.options().dtype(acc_type));
   if (batch == 0) return loss;
   const int64_t* t_ptr = t.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_output.scalar_type(),
@@ -42,14 +43,14 @@ at::Tensor diffusion_loss_cpu(const at::Tensor& model_output,  // (B, ...) float
     using IO = VecIO<scalar_t>;
     using acc_t = typename IO::acc_t;
     using Vec = typename IO::Vec;
-    const acc_t* tab = table.data_ptr<acc_t>();
+    const double* tab = table.const_data_ptr<double>();
     const scalar_t* m_p = model_output.const_data_ptr<scalar_t>();
     const scalar_t* x0_p = x0.const_data_ptr<scalar_t>();
     const scalar_t* noise_p = noise.const_data_ptr<scalar_t>();
     const int64_t chunks = num_chunks(n);
     std::vector<acc_t> partial(batch * chunks, acc_t(0));
     parallel_over_chunks(batch, n, [&](int64_t b, int64_t begin, int64_t end) {
-      const auto c = loss_coeffs(tab, t_ptr[b], int(prediction_type), acc_t(snr_gamma));
+      const auto c = loss_coeffs(tab, t_ptr[b], int(prediction_type), snr_gamma).template to<acc_t>();
       const bool read_x0 = c.target_x0 != acc_t(0);
       const bool read_noise = c.target_noise != acc_t(0);
       const int64_t base = b * n;
@@ -69,7 +70,7 @@ at::Tensor diffusion_loss_cpu(const at::Tensor& model_output,  // (B, ...) float
     for (int64_t b = 0; b < batch; ++b) {
       acc_t sum = 0;
       for (int64_t k = 0; k < chunks; ++k) sum += partial[b * chunks + k];
-      const auto c = loss_coeffs(tab, t_ptr[b], int(prediction_type), acc_t(snr_gamma));
+      const auto c = loss_coeffs(tab, t_ptr[b], int(prediction_type), snr_gamma).template to<acc_t>();
       loss_p[b] = n == 0 ? acc_t(NAN) : c.weight * sum / acc_t(n);
     }
   });
@@ -84,8 +85,10 @@ at::Tensor diffusion_loss_bwd_cpu(const at::Tensor& grad_loss,     // (B,) opmat
   check_loss_args(model_output, x0, noise, t, table, prediction_type);
   const int64_t batch = model_output.size(0);
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == batch &&
-                  grad_loss.scalar_type() == table.scalar_type() && grad_loss.is_contiguous(),
-              "fastdiff: grad_loss must be contiguous ", table.scalar_type(), " of shape (",
+                  grad_loss.scalar_type() == at::toOpMathType(model_output.scalar_type()) &&
+                  grad_loss.is_contiguous(),
+              "fastdiff: grad_loss must be contiguous ", at::toOpMathType(model_output.scalar_type()),
+              " of shape (",
               batch, "), got ", grad_loss.scalar_type(), " ", grad_loss.sizes());
   const int64_t n = batch == 0 ? 0 : model_output.numel() / batch;
   at::Tensor grad_m = at::empty_like(model_output);
@@ -96,14 +99,14 @@ at::Tensor diffusion_loss_bwd_cpu(const at::Tensor& grad_loss,     // (B,) opmat
     using IO = VecIO<scalar_t>;
     using acc_t = typename IO::acc_t;
     using Vec = typename IO::Vec;
-    const acc_t* tab = table.data_ptr<acc_t>();
+    const double* tab = table.const_data_ptr<double>();
     const acc_t* gl_p = grad_loss.const_data_ptr<acc_t>();
     const scalar_t* m_p = model_output.const_data_ptr<scalar_t>();
     const scalar_t* x0_p = x0.const_data_ptr<scalar_t>();
     const scalar_t* noise_p = noise.const_data_ptr<scalar_t>();
     scalar_t* gm_p = grad_m.mutable_data_ptr<scalar_t>();
     parallel_over_chunks(batch, n, [&](int64_t b, int64_t begin, int64_t end) {
-      const auto c = loss_coeffs(tab, t_ptr[b], int(prediction_type), acc_t(snr_gamma));
+      const auto c = loss_coeffs(tab, t_ptr[b], int(prediction_type), snr_gamma).template to<acc_t>();
       const bool read_x0 = c.target_x0 != acc_t(0);
       const bool read_noise = c.target_noise != acc_t(0);
       const Vec scale(acc_t(2) * c.weight * gl_p[b] / acc_t(n));

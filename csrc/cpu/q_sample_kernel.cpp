@@ -24,12 +24,12 @@ at::Tensor q_sample_cpu(const at::Tensor& x0,     // (B, ...) float
     using IO = VecIO<scalar_t>;
     using acc_t = typename IO::acc_t;
     using Vec = typename IO::Vec;
-    const acc_t* tab = table.data_ptr<acc_t>();
+    const double* tab = table.const_data_ptr<double>();
     const scalar_t* x0_p = x0.const_data_ptr<scalar_t>();
     const scalar_t* noise_p = noise.const_data_ptr<scalar_t>();
     scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
     parallel_over_chunks(x0.size(0), n, [&](int64_t b, int64_t begin, int64_t end) {
-      const auto c = q_sample_coeffs(tab, t_ptr[b]);
+      const auto c = q_sample_coeffs(tab, t_ptr[b]).template to<acc_t>();
       const Vec a(c.x0), s(c.noise);
       const int64_t base = b * n;
       vector_steps<scalar_t>(begin, end, [&](int64_t i, int64_t len) {
@@ -57,12 +57,12 @@ std::tuple<at::Tensor, at::Tensor> q_sample_bwd_cpu(const at::Tensor& grad_out, 
     using IO = VecIO<scalar_t>;
     using acc_t = typename IO::acc_t;
     using Vec = typename IO::Vec;
-    const acc_t* tab = table.data_ptr<acc_t>();
+    const double* tab = table.const_data_ptr<double>();
     const scalar_t* g_p = grad_out.const_data_ptr<scalar_t>();
     scalar_t* gx_p = grad_x0.mutable_data_ptr<scalar_t>();
     scalar_t* gn_p = grad_noise.mutable_data_ptr<scalar_t>();
     parallel_over_chunks(grad_out.size(0), n, [&](int64_t b, int64_t begin, int64_t end) {
-      const auto c = q_sample_coeffs(tab, t_ptr[b]);
+      const auto c = q_sample_coeffs(tab, t_ptr[b]).template to<acc_t>();
       const Vec a(c.x0), s(c.noise);
       const int64_t base = b * n;
       vector_steps<scalar_t>(begin, end, [&](int64_t i, int64_t len) {

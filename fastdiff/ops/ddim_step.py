@@ -5,7 +5,7 @@ import torch
 
 from .. import reference
 from .._backend import select
-from ._common import (check_choice, check_schedule, check_tensor, match_layout, op_namespace, opmath_dtype,
+from ._common import (check_choice, check_schedule, check_tensor, match_layout, op_namespace,
                       randn_like_diffusers, register, same_layout, timesteps)
 
 PREDICTION_TYPES = reference.PREDICTION_TYPES
@@ -42,7 +42,7 @@ def ddim_step(model_output, t, t_prev, sample, schedule, eta=0.0, noise=None, ge
         return reference.ddim_step(model_output, t, t_prev, sample, schedule, eta, noise, prediction_type,
                                    clip_sample, clip_sample_range, use_clipped_model_output)
     model_output, sample, noise = same_layout(model_output, sample, noise)
-    table = schedule.table(device, opmath_dtype(sample.dtype))
+    table = schedule.table(device)
     return op_namespace(name).ddim_step(model_output, sample, noise, t, t_prev, table, pred, float(eta),
                                         bool(clip_sample), float(clip_sample_range),
                                         bool(use_clipped_model_output))

@@ -5,7 +5,7 @@ import torch
 
 from .. import reference
 from .._backend import select
-from ._common import (check_choice, check_schedule, check_tensor, match_layout, op_namespace, opmath_dtype,
+from ._common import (check_choice, check_schedule, check_tensor, match_layout, op_namespace,
                       randn_like_diffusers, register, same_layout, timesteps)
 
 PREDICTION_TYPES = reference.PREDICTION_TYPES
@@ -60,7 +60,7 @@ def ddpm_step(model_output, t, sample, schedule, noise=None, generator=None, pre
         noise = None if noise is None else noise.contiguous()
     else:
         model_output, sample, noise = same_layout(model_output, sample, noise)
-    table = schedule.table(device, opmath_dtype(sample.dtype))
+    table = schedule.table(device)
     return op_namespace(name).ddpm_step(model_output, sample, noise, t, t_prev, table, pred, var,
                                         bool(clip_sample), float(clip_sample_range))
 

@@ -46,7 +46,7 @@ def diffusion_loss(model_output, x0, noise, t, schedule, prediction_type="epsilo
         loss = reference.diffusion_loss(model_output, x0, noise, t, schedule, prediction_type, snr_gamma, "none")
     else:
         model_output, x0, noise = same_layout(model_output, x0, noise)
-        table = schedule.table(model_output.device, opmath_dtype(model_output.dtype))
+        table = schedule.table(model_output.device)
         loss = op_namespace(name).diffusion_loss(model_output, x0, noise, t, table, pred,
                                                  float(snr_gamma or 0.0))
     loss = loss.to(out_dtype)
@@ -54,7 +54,7 @@ def diffusion_loss(model_output, x0, noise, t, schedule, prediction_type="epsilo
 
 
 def _fake(model_output, x0, noise, t, table, prediction_type, snr_gamma):
-    return model_output.new_empty((model_output.shape[0],), dtype=table.dtype)
+    return model_output.new_empty((model_output.shape[0],), dtype=opmath_dtype(model_output.dtype))
 
 
 def _fake_bwd(grad_loss, model_output, x0, noise, t, table, prediction_type, snr_gamma):

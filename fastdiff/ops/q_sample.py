@@ -5,7 +5,7 @@ import torch
 
 from .. import reference
 from .._backend import select
-from ._common import check_schedule, check_tensor, dense, op_namespace, opmath_dtype, register, same_layout, timesteps
+from ._common import check_schedule, check_tensor, dense, op_namespace, register, same_layout, timesteps
 
 
 def q_sample(x0, t, noise, schedule, *, backend=None):
@@ -22,7 +22,7 @@ def q_sample(x0, t, noise, schedule, *, backend=None):
     if name == "reference":
         return reference.q_sample(x0, t, noise, schedule)
     x0, noise = same_layout(x0, noise)
-    table = schedule.table(x0.device, opmath_dtype(x0.dtype))
+    table = schedule.table(x0.device)
     return op_namespace(name).q_sample(x0, noise, t, table)
 
 

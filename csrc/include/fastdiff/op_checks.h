@@ -37,7 +37,7 @@ inline void check_like(const at::Tensor& x, const char* name, const at::Tensor& 
               ref_name, " is on ", ref.device());
 }
 
-// t / t_prev: int64 (B,); table: (T, kNumColumns) contiguous in the opmath type.
+// t / t_prev: int64 (B,); table: (T, kNumColumns) contiguous float64.
 inline void check_schedule(const at::Tensor& ref, const at::Tensor& t, const char* t_name,
                            const at::Tensor& table) {
   TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.size(0) == ref.size(0),
@@ -47,9 +47,8 @@ inline void check_schedule(const at::Tensor& ref, const at::Tensor& t, const cha
   TORCH_CHECK(table.dim() == 2 && table.size(1) == kNumColumns && table.is_contiguous(),
               "fastdiff: schedule table must be contiguous (T, ", int(kNumColumns), "), got ",
               table.sizes());
-  TORCH_CHECK(table.scalar_type() == at::toOpMathType(ref.scalar_type()),
-              "fastdiff: schedule table dtype ", table.scalar_type(), " must be ",
-              at::toOpMathType(ref.scalar_type()), " for ", ref.scalar_type(), " inputs");
+  TORCH_CHECK(table.scalar_type() == at::kDouble, "fastdiff: schedule table must be float64, got ",
+              table.scalar_type());
   TORCH_CHECK(t.device() == ref.device() && table.device() == ref.device(), "fastdiff: ",
               t_name, " (", t.device(), ") and the schedule table (", table.device(),
               ") must be on the inputs' device ", ref.device());

@@ -45,9 +45,11 @@ struct ElementOps {
 };
 
 // Columns of the per-timestep table a NoiseSchedule uploads to the device,
-// shape (T, kNumColumns), computed in float64 on the host and cast once.
-// 1 - alpha_bar is its own column because computing it from alpha_bar in fp32
-// loses most digits when alpha_bar is close to 1 (small t).
+// shape (T, kNumColumns), float64. Per-sample coefficients are derived from it
+// in float64 (a handful of scalar ops per sample) and only then cast to the
+// element math's type (.to<float>()): differences such as beta_t =
+// (abp - ab) / abp cancel most digits in fp32. 1 - alpha_bar is its own column
+// for the same reason (alpha_bar close to 1 at small t).
 enum TableColumn : int {
   kAlphaBar = 0,
   kOneMinusAlphaBar = 1,
@@ -98,6 +100,8 @@ FASTDIFF_HD PrevAlpha<T> prev_alpha(const T* table, int64_t t_prev) {
 template <typename T>
 struct QSampleCoeffs {
   T x0, noise;
+  template <typename U>
+  FASTDIFF_HD QSampleCoeffs<U> to() const { return {U(x0), U(noise)}; }
 };
 
 template <typename T>
@@ -121,6 +125,8 @@ struct LossCoeffs {
   T target_noise;  // target = target_noise * noise + target_x0 * x0
   T target_x0;
   T weight;        // w_b
+  template <typename U>
+  FASTDIFF_HD LossCoeffs<U> to() const { return {U(target_noise), U(target_x0), U(weight)}; }
 };
 
 template <typename T>
@@ -168,6 +174,8 @@ FASTDIFF_HD V loss_residual(const LossCoeffs<S>& c, V m, V x0, V noise) {
 template <typename T>
 struct Affine {
   T x, m;  // value = x * sample + m * model_output
+  template <typename U>
+  FASTDIFF_HD Affine<U> to() const { return {U(x), U(m)}; }
 };
 
 template <typename T>
@@ -211,6 +219,10 @@ struct DdpmCoeffs {
   T log_var_min;   // log var          (learned_range)
   T log_var_max;   // log beta_t       (learned_range)
   bool add_noise;  // t > 0
+  template <typename U>
+  FASTDIFF_HD DdpmCoeffs<U> to() const {
+    return {x0.template to<U>(), U(mean_x0), U(mean_x), U(std), U(log_var_min), U(log_var_max), add_noise};
+  }
 };
 
 template <typename T>
@@ -315,6 +327,11 @@ struct DdimCoeffs {
   T out_x0;   // sqrt(abp)
   T out_eps;  // sqrt(1 - abp - sigma^2)
   T sigma;
+  template <typename U>
+  FASTDIFF_HD DdimCoeffs<U> to() const {
+    return {x0.template to<U>(), eps.template to<U>(), U(sqrt_ab), U(inv_sqrt_one_minus_ab), U(out_x0),
+            U(out_eps), U(sigma)};
+  }
 };
 
 template <typename T>
