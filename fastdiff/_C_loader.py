@@ -45,6 +45,8 @@ def load():
             errors[f"_C_cpu_{cap}"] = f"{type(e).__name__}: {e}"
 
 
+# Evaluated once at trace time under torch.compile (a constant, not a graph op).
+@torch.compiler.assume_constant_result
 def has_kernel(op: str, dispatch_key: str) -> bool:
     if not loaded_main:
         return False

@@ -61,6 +61,7 @@ def requested_backend(backend=None) -> tuple[str, str]:
     return "auto", "default"
 
 
+@torch.compiler.assume_constant_result
 def triton_available() -> tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed"

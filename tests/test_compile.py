@@ -1,0 +1,82 @@
+"""Every op is a registered custom op: opcheck passes, torch.compile(fullgraph=True) has no break."""
+import pytest
+import torch
+
+import fastdiff
+from utils import fused_backends_here
+
+S = fastdiff.NoiseSchedule.linear()
+
+
+def _tensors(shape=(2, 3, 4, 5), dtype=torch.float32, learned=False):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    mshape = (shape[0], 2 * shape[1]) + shape[2:] if learned else shape
+    m = torch.randn(mshape, generator=g, dtype=dtype)
+    noise = torch.randn(shape, generator=g, dtype=dtype)
+    t = torch.tensor([5, 900])
+    return m, x, noise, t
+
+
+def _op_cases():
+    tab = S.table("cpu")
+    m, x, noise, t = _tensors()
+    ml, *_ = _tensors(learned=True)
+    loss_grad = torch.randn(2)
+    return {
+        "q_sample": (x, noise, t, tab),
+        "_q_sample_bwd": (x, t, tab),
+        "diffusion_loss": (m, x, noise, t, tab, 2, 5.0),
+        "_diffusion_loss_bwd": (loss_grad, m, x, noise, t, tab, 2, 5.0),
+        "ddpm_step": (ml, x, noise, t, t - 1, tab, 0, 5, True, 1.0),
+        "_ddpm_step_bwd": (x, ml, x, noise, t, t - 1, tab, 0, 5, True, 1.0),
+        "ddim_step": (m, x, noise, t, t - 20, tab, 2, 0.5, True, 1.0, True),
+        "_ddim_step_bwd": (x, m, x, t, t - 20, tab, 2, 0.5, True, 1.0, True),
+    }
+
+
+NAMESPACES = ["fastdiff"] + (["fastdiff_triton"] if "triton" in fused_backends_here() else [])
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+@pytest.mark.parametrize("name", list(_op_cases()))
+def test_opcheck(namespace, name):
+    args = _op_cases()[name]
+    args = tuple(a.clone().requires_grad_(a.is_floating_point() and not name.startswith("_") and a.dim() > 1
+                                          and a is not args[2 if name.startswith("ddpm") else -1])
+                 if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() > 1 else a for a in args)
+    op = getattr(getattr(torch.ops, namespace), name).default
+    torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    m, x, noise, t = _tensors()
+    m.requires_grad_(True)
+
+    def train_step(m, x0, noise, t):
+        x_t = fastdiff.q_sample(x0, t, noise, S, backend="cpu")
+        loss = fastdiff.diffusion_loss(m * x_t, x0, noise, t, S, "v_prediction", 5.0, backend="cpu")
+        prev = fastdiff.ddpm_step(m, t, x_t, S, noise=noise, backend="cpu")
+        prev = fastdiff.ddim_step(m, t, t - 20, prev, S, eta=0.5, noise=noise, backend="cpu")
+        return loss + prev.square().mean()
+
+    compiled = torch.compile(train_step, fullgraph=True, backend="aot_eager")
+    got = compiled(m, x, noise, t)
+    (g_got,) = torch.autograd.grad(got, m)
+    want = train_step(m, x, noise, t)
+    (g_want,) = torch.autograd.grad(want, m)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_got, g_want)
+
+
+def test_compile_inductor_no_graph_break():
+    torch._dynamo.reset()
+    m, x, noise, t = _tensors()
+
+    def fn(m, x0, noise, t):
+        return fastdiff.diffusion_loss(m, x0, noise, t, S, "epsilon", None, "none", backend="cpu") * 2
+
+    explanation = torch._dynamo.explain(fn)(m, x, noise, t)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True)(m, x, noise, t), fn(m, x, noise, t))
