@@ -26,7 +26,7 @@ struct ElementOps<at::vec::Vectorized<T>> {
   // maximum/minimum propagate NaN, as torch.clamp does.
   static V clamp(V v, V lo, V hi) { return at::vec::minimum(at::vec::maximum(v, lo), hi); }
   static V pass_inside(V g, V v, V lo, V hi) {
-    return V::blendv(V(T(0)), g, (v >= lo) & (v <= hi));
+    return V::blendv(V(T(0)), g, (v > lo) & (v < hi));
   }
 };
 

@@ -38,9 +38,10 @@ struct ElementOps {
 #endif
   // torch.clamp semantics: NaN stays NaN.
   static FASTDIFF_HD V clamp(V v, V lo, V hi) { return v < lo ? lo : (v > hi ? hi : v); }
-  // torch.clamp's VJP: the gradient passes where lo <= v <= hi (NaN blocks it).
+  // torch.clamp's VJP: the gradient passes strictly inside (lo, hi); at the bounds
+  // and for NaN it is 0 (as torch 2.14's clamp_backward).
   static FASTDIFF_HD V pass_inside(V g, V v, V lo, V hi) {
-    return (v >= lo && v <= hi) ? g : V(0);
+    return (v > lo && v < hi) ? g : V(0);
   }
 };
 
@@ -205,7 +206,7 @@ FASTDIFF_HD void predictor_coeffs(const T* row, int prediction_type, Affine<T>& 
 //   fixed_small / fixed_small_log: sqrt(var);  fixed_large / fixed_large_log:
 //   sqrt(beta_t);  learned: exp(0.5 v);  learned_range: exp(0.5 (f log beta_t +
 //   (1 - f) log var)), f = (v + 1) / 2, v the predicted-variance channels.
-// VJP: g_x0 = c_x0 g [|x0_hat| <= r when clipping];
+// VJP: g_x0 = c_x0 g [|x0_hat| < r when clipping];
 //   d x = c_x g + x0.x g_x0;  d m = x0.m g_x0;
 //   d v = g noise * d std / d v (0.5 std, times (log beta_t - log var) / 2 for
 //   learned_range).
