@@ -8,15 +8,10 @@
 namespace fastdiff::cpu {
 namespace {
 
-int64_t check_ddim_args(const at::Tensor& model_output, const at::Tensor& sample,
-                        const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& table,
-                        int64_t prediction_type) {
-  check_codes(prediction_type, kFixedSmall);
-  check_floating(sample, "sample");
-  const int64_t n = per_sample_numel(sample, "sample");
-  check_like(model_output, "model_output", sample, "sample");
-  check_schedule(sample, t, "t", table);
-  check_schedule(sample, t_prev, "t_prev", table);
+int64_t check_ddim_args_cpu(const at::Tensor& model_output, const at::Tensor& sample,
+                            const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& table,
+                            int64_t prediction_type) {
+  const int64_t n = check_ddim_args(model_output, sample, t, t_prev, table, prediction_type);
   check_timesteps(t, "t", table, false);
   check_timesteps(t_prev, "t_prev", table, true);
   return n;
@@ -30,7 +25,7 @@ at::Tensor ddim_step_cpu(const at::Tensor& model_output,          // (B, ...) li
                          const at::Tensor& table,                 // (T, 4)
                          int64_t prediction_type, double eta, bool clip_sample,
                          double clip_sample_range, bool use_clipped_model_output) {
-  const int64_t n = check_ddim_args(model_output, sample, t, t_prev, table, prediction_type);
+  const int64_t n = check_ddim_args_cpu(model_output, sample, t, t_prev, table, prediction_type);
   TORCH_CHECK(eta == 0.0 || noise.has_value(), "fastdiff: ddim_step needs noise when eta > 0");
   if (noise.has_value()) check_like(*noise, "noise", sample, "sample");
   at::Tensor out = at::empty_like(sample);
@@ -69,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_bwd_cpu(
     const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& t,
     const at::Tensor& t_prev, const at::Tensor& table, int64_t prediction_type, double eta,
     bool clip_sample, double clip_sample_range, bool use_clipped_model_output) {
-  const int64_t n = check_ddim_args(model_output, sample, t, t_prev, table, prediction_type);
+  const int64_t n = check_ddim_args_cpu(model_output, sample, t, t_prev, table, prediction_type);
   check_like(grad_out, "grad_out", sample, "sample");
   at::Tensor grad_m = at::empty_like(model_output);
   at::Tensor grad_x = at::empty_like(sample);

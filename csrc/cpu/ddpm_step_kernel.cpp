@@ -9,22 +9,13 @@
 namespace fastdiff::cpu {
 namespace {
 
-struct StepArgs {
-  int64_t n;          // elements per sample of `sample`
-  int64_t m_stride;   // elements per sample of model_output (n, or 2n when learned)
-};
-
-StepArgs check_ddpm_args(const at::Tensor& model_output, const at::Tensor& sample,
-                         const c10::optional<at::Tensor>& noise, const at::Tensor& t,
-                         const at::Tensor& t_prev, const at::Tensor& table,
-                         int64_t prediction_type, int64_t variance_type) {
-  check_codes(prediction_type, variance_type);
-  check_floating(sample, "sample");
-  const int64_t n = per_sample_numel(sample, "sample");
-  check_step_model_output(model_output, sample, variance_type);
-  if (noise.has_value()) check_like(*noise, "noise", sample, "sample");
-  check_schedule(sample, t, "t", table);
-  check_schedule(sample, t_prev, "t_prev", table);
+// The shared checks plus the data-dependent ones (range of t, noise where t > 0).
+StepArgs check_ddpm_args_cpu(const at::Tensor& model_output, const at::Tensor& sample,
+                             const c10::optional<at::Tensor>& noise, const at::Tensor& t,
+                             const at::Tensor& t_prev, const at::Tensor& table,
+                             int64_t prediction_type, int64_t variance_type) {
+  const StepArgs a = check_ddpm_args(model_output, sample, noise, t, t_prev, table,
+                                     prediction_type, variance_type);
   check_timesteps(t, "t", table, false);
   check_timesteps(t_prev, "t_prev", table, true);
   if (!noise.has_value()) {
@@ -34,8 +25,7 @@ StepArgs check_ddpm_args(const at::Tensor& model_output, const at::Tensor& sampl
                   "] = ", tp[i], ")");
     }
   }
-  const int64_t batch = sample.size(0);
-  return {n, batch == 0 ? 0 : model_output.numel() / batch};
+  return a;
 }
 
 at::Tensor ddpm_step_cpu(const at::Tensor& model_output,           // (B, C|2C, ...)
@@ -46,8 +36,8 @@ at::Tensor ddpm_step_cpu(const at::Tensor& model_output,           // (B, C|2C, 
                          const at::Tensor& table,                  // (T, 4)
                          int64_t prediction_type, int64_t variance_type, bool clip_sample,
                          double clip_sample_range) {
-  const StepArgs a = check_ddpm_args(model_output, sample, noise, t, t_prev, table,
-                                     prediction_type, variance_type);
+  const StepArgs a = check_ddpm_args_cpu(model_output, sample, noise, t, t_prev, table,
+                                         prediction_type, variance_type);
   at::Tensor out = at::empty_like(sample);
   if (sample.numel() == 0) return out;
   const int64_t* t_ptr = t.const_data_ptr<int64_t>();
@@ -87,8 +77,8 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_bwd_cpu(
     const c10::optional<at::Tensor>& noise, const at::Tensor& t, const at::Tensor& t_prev,
     const at::Tensor& table, int64_t prediction_type, int64_t variance_type, bool clip_sample,
     double clip_sample_range) {
-  const StepArgs a = check_ddpm_args(model_output, sample, noise, t, t_prev, table,
-                                     prediction_type, variance_type);
+  const StepArgs a = check_ddpm_args_cpu(model_output, sample, noise, t, t_prev, table,
+                                         prediction_type, variance_type);
   check_like(grad_out, "grad_out", sample, "sample");
   at::Tensor grad_m = at::empty_like(model_output);
   at::Tensor grad_x = at::empty_like(sample);

@@ -12,16 +12,12 @@
 namespace fastdiff::cpu {
 namespace {
 
-void check_loss_args(const at::Tensor& model_output, const at::Tensor& x0,
-                     const at::Tensor& noise, const at::Tensor& t, const at::Tensor& table,
-                     int64_t prediction_type) {
-  check_floating(model_output, "model_output");
-  per_sample_numel(model_output, "model_output");
-  check_like(x0, "x0", model_output, "model_output");
-  check_like(noise, "noise", model_output, "model_output");
-  check_schedule(model_output, t, "t", table);
+int64_t check_loss_args_cpu(const at::Tensor& model_output, const at::Tensor& x0,
+                            const at::Tensor& noise, const at::Tensor& t, const at::Tensor& table,
+                            int64_t prediction_type) {
+  const int64_t n = check_loss_args(model_output, x0, noise, t, table, prediction_type);
   check_timesteps(t, "t", table, false);
-  check_codes(prediction_type, kFixedSmall);
+  return n;
 }
 
 at::Tensor diffusion_loss_cpu(const at::Tensor& model_output,  // (B, ...) float
@@ -31,9 +27,8 @@ at::Tensor diffusion_loss_cpu(const at::Tensor& model_output,  // (B, ...) float
                               const at::Tensor& table,         // (T, 4)
                               int64_t prediction_type,         // PredictionType
                               double snr_gamma) {              // <= 0: unweighted
-  check_loss_args(model_output, x0, noise, t, table, prediction_type);
+  const int64_t n = check_loss_args_cpu(model_output, x0, noise, t, table, prediction_type);
   const int64_t batch = model_output.size(0);
-  const int64_t n = batch == 0 ? 0 : model_output.numel() / batch;
   const auto acc_type = at::toOpMathType(model_output.scalar_type());
   at::Tensor loss = at::empty({batch}, model_output.options().dtype(acc_type));
   if (batch == 0) return loss;
@@ -82,15 +77,9 @@ at::Tensor diffusion_loss_bwd_cpu(const at::Tensor& grad_loss,     // (B,) opmat
                                   const at::Tensor& x0, const at::Tensor& noise,
                                   const at::Tensor& t, const at::Tensor& table,
                                   int64_t prediction_type, double snr_gamma) {
-  check_loss_args(model_output, x0, noise, t, table, prediction_type);
+  const int64_t n = check_loss_args_cpu(model_output, x0, noise, t, table, prediction_type);
+  check_grad_loss(grad_loss, model_output);
   const int64_t batch = model_output.size(0);
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == batch &&
-                  grad_loss.scalar_type() == at::toOpMathType(model_output.scalar_type()) &&
-                  grad_loss.is_contiguous(),
-              "fastdiff: grad_loss must be contiguous ", at::toOpMathType(model_output.scalar_type()),
-              " of shape (",
-              batch, "), got ", grad_loss.scalar_type(), " ", grad_loss.sizes());
-  const int64_t n = batch == 0 ? 0 : model_output.numel() / batch;
   at::Tensor grad_m = at::empty_like(model_output);
   if (model_output.numel() == 0) return grad_m;
   const int64_t* t_ptr = t.data_ptr<int64_t>();

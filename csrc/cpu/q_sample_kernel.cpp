@@ -12,10 +12,8 @@ at::Tensor q_sample_cpu(const at::Tensor& x0,     // (B, ...) float
                         const at::Tensor& noise,  // same layout as x0
                         const at::Tensor& t,      // (B,) int64 timesteps
                         const at::Tensor& table) {  // (T, 4) schedule table
-  check_floating(x0, "x0");
-  const int64_t n = per_sample_numel(x0, "x0");
-  check_like(noise, "noise", x0, "x0");
-  check_schedule(x0, t, "t", table);
+  check_q_sample_args(x0, "x0", &noise, t, table);
+  const int64_t n = x0.size(0) == 0 ? 0 : x0.numel() / x0.size(0);
   check_timesteps(t, "t", table, false);
   at::Tensor out = at::empty_like(x0);
   if (x0.numel() == 0) return out;
@@ -44,9 +42,8 @@ at::Tensor q_sample_cpu(const at::Tensor& x0,     // (B, ...) float
 std::tuple<at::Tensor, at::Tensor> q_sample_bwd_cpu(const at::Tensor& grad_out,  // (B, ...)
                                                     const at::Tensor& t,         // (B,) int64
                                                     const at::Tensor& table) {   // (T, 4)
-  check_floating(grad_out, "grad_out");
-  const int64_t n = per_sample_numel(grad_out, "grad_out");
-  check_schedule(grad_out, t, "t", table);
+  check_q_sample_args(grad_out, "grad_out", nullptr, t, table);
+  const int64_t n = grad_out.size(0) == 0 ? 0 : grad_out.numel() / grad_out.size(0);
   check_timesteps(t, "t", table, false);
   at::Tensor grad_x0 = at::empty_like(grad_out);
   at::Tensor grad_noise = at::empty_like(grad_out);

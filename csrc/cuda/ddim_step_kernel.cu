@@ -138,19 +138,12 @@ ddim_step_bwd_kernel(const scalar_t* __restrict__ grad_out,      // (B, n) dL/do
   }
 }
 
-// The CPU kernel's checks, except the t / t_prev range (checked on the device).
-int64_t check_ddim_args(const at::Tensor& model_output, const at::Tensor& sample,
-                        const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& table,
-                        int64_t prediction_type) {
-  check_cuda({{&model_output, "model_output"}, {&sample, "sample"}, {&t, "t"},
-              {&t_prev, "t_prev"}, {&table, "table"}});
-  check_codes(prediction_type, kFixedSmall);
-  check_floating(sample, "sample");
-  const int64_t n = per_sample_numel(sample, "sample");
-  check_like(model_output, "model_output", sample, "sample");
-  check_schedule(sample, t, "t", table);
-  check_schedule(sample, t_prev, "t_prev", table);
-  return n;
+// The shared checks; the range of t / t_prev is checked on the device.
+int64_t check_ddim_args_cuda(const at::Tensor& model_output, const at::Tensor& sample,
+                             const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& table,
+                             int64_t prediction_type) {
+  check_cuda({{&sample, "sample"}});
+  return check_ddim_args(model_output, sample, t, t_prev, table, prediction_type);
 }
 
 at::Tensor ddim_step_cuda(const at::Tensor& model_output,          // (B, ...) like sample
@@ -161,7 +154,7 @@ at::Tensor ddim_step_cuda(const at::Tensor& model_output,          // (B, ...) l
                           const at::Tensor& table,                 // (T, 4)
                           int64_t prediction_type, double eta, bool clip_sample,
                           double clip_sample_range, bool use_clipped_model_output) {
-  const int64_t n = check_ddim_args(model_output, sample, t, t_prev, table, prediction_type);
+  const int64_t n = check_ddim_args_cuda(model_output, sample, t, t_prev, table, prediction_type);
   TORCH_CHECK(eta == 0.0 || noise.has_value(), "fastdiff: ddim_step needs noise when eta > 0");
   if (noise.has_value()) {
     check_cuda({{&*noise, "noise"}});
@@ -200,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_bwd_cuda(
     const at::Tensor& table,         // (T, 4)
     int64_t prediction_type, double eta, bool clip_sample, double clip_sample_range,
     bool use_clipped_model_output) {
-  const int64_t n = check_ddim_args(model_output, sample, t, t_prev, table, prediction_type);
+  const int64_t n = check_ddim_args_cuda(model_output, sample, t, t_prev, table, prediction_type);
   check_cuda({{&grad_out, "grad_out"}});
   check_like(grad_out, "grad_out", sample, "sample");
   at::Tensor grad_m = at::empty_like(model_output);

@@ -162,29 +162,15 @@ ddpm_step_bwd_kernel(const scalar_t* __restrict__ grad_out,      // (B, n) dL/do
   }
 }
 
-struct StepArgs {
-  int64_t n;         // elements per sample of `sample`
-  int64_t m_stride;  // elements per sample of model_output (n, or 2n when learned)
-};
-
-// The CPU kernel's checks, except the data-dependent ones (t range, noise
-// present where t > 0): those run on the device, in thread 0 of each block.
-StepArgs check_ddpm_args(const at::Tensor& model_output, const at::Tensor& sample,
-                         const c10::optional<at::Tensor>& noise, const at::Tensor& t,
-                         const at::Tensor& t_prev, const at::Tensor& table,
-                         int64_t prediction_type, int64_t variance_type) {
-  check_cuda({{&model_output, "model_output"}, {&sample, "sample"}, {&t, "t"},
-              {&t_prev, "t_prev"}, {&table, "table"}});
-  if (noise.has_value()) check_cuda({{&*noise, "noise"}});
-  check_codes(prediction_type, variance_type);
-  check_floating(sample, "sample");
-  const int64_t n = per_sample_numel(sample, "sample");
-  check_step_model_output(model_output, sample, variance_type);
-  if (noise.has_value()) check_like(*noise, "noise", sample, "sample");
-  check_schedule(sample, t, "t", table);
-  check_schedule(sample, t_prev, "t_prev", table);
-  const int64_t batch = sample.size(0);
-  return {n, batch == 0 ? 0 : model_output.numel() / batch};
+// The shared checks; the range of t / t_prev and the presence of noise where
+// t > 0 are checked on the device (thread 0 of each block).
+StepArgs check_ddpm_args_cuda(const at::Tensor& model_output, const at::Tensor& sample,
+                              const c10::optional<at::Tensor>& noise, const at::Tensor& t,
+                              const at::Tensor& t_prev, const at::Tensor& table,
+                              int64_t prediction_type, int64_t variance_type) {
+  check_cuda({{&sample, "sample"}});
+  return check_ddpm_args(model_output, sample, noise, t, t_prev, table, prediction_type,
+                         variance_type);
 }
 
 at::Tensor ddpm_step_cuda(const at::Tensor& model_output,          // (B, C|2C, ...)
@@ -195,7 +181,7 @@ at::Tensor ddpm_step_cuda(const at::Tensor& model_output,          // (B, C|2C, 
                           const at::Tensor& table,                 // (T, 4)
                           int64_t prediction_type, int64_t variance_type, bool clip_sample,
                           double clip_sample_range) {
-  const StepArgs a = check_ddpm_args(model_output, sample, noise, t, t_prev, table,
+  const StepArgs a = check_ddpm_args_cuda(model_output, sample, noise, t, t_prev, table,
                                      prediction_type, variance_type);
   at::Tensor out = at::empty_like(sample);
   if (sample.numel() == 0) return out;
@@ -231,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_bwd_cuda(
     const at::Tensor& table,                 // (T, 4)
     int64_t prediction_type, int64_t variance_type, bool clip_sample,
     double clip_sample_range) {
-  const StepArgs a = check_ddpm_args(model_output, sample, noise, t, t_prev, table,
+  const StepArgs a = check_ddpm_args_cuda(model_output, sample, noise, t, t_prev, table,
                                      prediction_type, variance_type);
   check_cuda({{&grad_out, "grad_out"}});
   check_like(grad_out, "grad_out", sample, "sample");

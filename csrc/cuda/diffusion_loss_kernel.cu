@@ -168,17 +168,12 @@ diffusion_loss_bwd_kernel(const acc_t* __restrict__ grad_loss,        // (B,) dL
   }
 }
 
-void check_loss_args(const at::Tensor& model_output, const at::Tensor& x0,
-                     const at::Tensor& noise, const at::Tensor& t, const at::Tensor& table,
-                     int64_t prediction_type) {
-  check_cuda({{&model_output, "model_output"}, {&x0, "x0"}, {&noise, "noise"}, {&t, "t"},
-              {&table, "table"}});
-  check_floating(model_output, "model_output");
-  per_sample_numel(model_output, "model_output");
-  check_like(x0, "x0", model_output, "model_output");
-  check_like(noise, "noise", model_output, "model_output");
-  check_schedule(model_output, t, "t", table);
-  check_codes(prediction_type, kFixedSmall);
+// The shared checks; the range of t is checked on the device (thread 0 of each block).
+int64_t check_loss_args_cuda(const at::Tensor& model_output, const at::Tensor& x0,
+                             const at::Tensor& noise, const at::Tensor& t, const at::Tensor& table,
+                             int64_t prediction_type) {
+  check_cuda({{&model_output, "model_output"}});
+  return check_loss_args(model_output, x0, noise, t, table, prediction_type);
 }
 
 at::Tensor diffusion_loss_cuda(const at::Tensor& model_output,  // (B, ...) float
@@ -188,9 +183,8 @@ at::Tensor diffusion_loss_cuda(const at::Tensor& model_output,  // (B, ...) floa
                                const at::Tensor& table,         // (T, 4)
                                int64_t prediction_type,         // PredictionType
                                double snr_gamma) {              // <= 0: unweighted
-  check_loss_args(model_output, x0, noise, t, table, prediction_type);
+  const int64_t n = check_loss_args_cuda(model_output, x0, noise, t, table, prediction_type);
   const int64_t batch = model_output.size(0);
-  const int64_t n = batch == 0 ? 0 : model_output.numel() / batch;
   const auto acc_type = at::toOpMathType(model_output.scalar_type());
   at::Tensor loss = at::empty({batch}, model_output.options().dtype(acc_type));
   if (batch == 0) return loss;
@@ -232,16 +226,9 @@ at::Tensor diffusion_loss_bwd_cuda(const at::Tensor& grad_loss,     // (B,) opma
                                    const at::Tensor& table,         // (T, 4)
                                    int64_t prediction_type,         // PredictionType
                                    double snr_gamma) {              // <= 0: unweighted
-  check_loss_args(model_output, x0, noise, t, table, prediction_type);
+  const int64_t n = check_loss_args_cuda(model_output, x0, noise, t, table, prediction_type);
+  check_grad_loss(grad_loss, model_output);
   const int64_t batch = model_output.size(0);
-  const auto acc_type = at::toOpMathType(model_output.scalar_type());
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == batch &&
-                  grad_loss.scalar_type() == acc_type && grad_loss.is_contiguous(),
-              "fastdiff: grad_loss must be contiguous ", acc_type, " of shape (", batch,
-              "), got ", grad_loss.scalar_type(), " ", grad_loss.sizes());
-  TORCH_CHECK(grad_loss.device() == model_output.device(), "fastdiff: grad_loss is on ",
-              grad_loss.device(), " but model_output is on ", model_output.device());
-  const int64_t n = batch == 0 ? 0 : model_output.numel() / batch;
   at::Tensor grad_m = at::empty_like(model_output);
   if (model_output.numel() == 0) return grad_m;
   const c10::cuda::CUDAGuard guard(model_output.device());

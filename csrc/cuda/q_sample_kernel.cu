@@ -93,11 +93,9 @@ at::Tensor q_sample_cuda(const at::Tensor& x0,       // (B, ...) float
                          const at::Tensor& noise,    // same layout as x0
                          const at::Tensor& t,        // (B,) int64 timesteps
                          const at::Tensor& table) {  // (T, 4) float64 schedule table
-  check_cuda({{&x0, "x0"}, {&noise, "noise"}, {&t, "t"}, {&table, "table"}});
-  check_floating(x0, "x0");
-  const int64_t n = per_sample_numel(x0, "x0");
-  check_like(noise, "noise", x0, "x0");
-  check_schedule(x0, t, "t", table);
+  check_cuda({{&x0, "x0"}});
+  check_q_sample_args(x0, "x0", &noise, t, table);
+  const int64_t n = x0.size(0) == 0 ? 0 : x0.numel() / x0.size(0);
   at::Tensor out = at::empty_like(x0);
   if (x0.numel() == 0) return out;
   const c10::cuda::CUDAGuard guard(x0.device());
@@ -121,10 +119,9 @@ at::Tensor q_sample_cuda(const at::Tensor& x0,       // (B, ...) float
 std::tuple<at::Tensor, at::Tensor> q_sample_bwd_cuda(const at::Tensor& grad_out,  // (B, ...)
                                                      const at::Tensor& t,         // (B,) int64
                                                      const at::Tensor& table) {   // (T, 4)
-  check_cuda({{&grad_out, "grad_out"}, {&t, "t"}, {&table, "table"}});
-  check_floating(grad_out, "grad_out");
-  const int64_t n = per_sample_numel(grad_out, "grad_out");
-  check_schedule(grad_out, t, "t", table);
+  check_cuda({{&grad_out, "grad_out"}});
+  check_q_sample_args(grad_out, "grad_out", nullptr, t, table);
+  const int64_t n = grad_out.size(0) == 0 ? 0 : grad_out.numel() / grad_out.size(0);
   at::Tensor grad_x0 = at::empty_like(grad_out);
   at::Tensor grad_noise = at::empty_like(grad_out);
   if (grad_out.numel() == 0) return {grad_x0, grad_noise};

@@ -92,4 +92,72 @@ inline void check_step_model_output(const at::Tensor& model_output, const at::Te
   }
 }
 
+// -- per-op argument checks shared by the CPU and CUDA entry points ----------------
+// Device-agnostic: every tensor is on the reference tensor's device (check_like /
+// check_schedule). Data-dependent checks (the range of t, noise where t > 0) are
+// the backend's: a loop on the CPU, thread 0 of each block on the GPU.
+
+inline void check_q_sample_args(const at::Tensor& x, const char* name, const at::Tensor* noise,
+                                const at::Tensor& t, const at::Tensor& table) {
+  check_floating(x, name);
+  per_sample_numel(x, name);
+  if (noise != nullptr) check_like(*noise, "noise", x, name);
+  check_schedule(x, t, "t", table);
+}
+
+inline int64_t check_loss_args(const at::Tensor& model_output, const at::Tensor& x0,
+                               const at::Tensor& noise, const at::Tensor& t,
+                               const at::Tensor& table, int64_t prediction_type) {
+  check_floating(model_output, "model_output");
+  const int64_t n = per_sample_numel(model_output, "model_output");
+  check_like(x0, "x0", model_output, "model_output");
+  check_like(noise, "noise", model_output, "model_output");
+  check_schedule(model_output, t, "t", table);
+  check_codes(prediction_type, kFixedSmall);
+  return n;
+}
+
+// grad_loss: contiguous (B,) in the accumulation type, as the forward returns it.
+inline void check_grad_loss(const at::Tensor& grad_loss, const at::Tensor& model_output) {
+  const auto acc = at::toOpMathType(model_output.scalar_type());
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == model_output.size(0) &&
+                  grad_loss.scalar_type() == acc && grad_loss.is_contiguous() &&
+                  grad_loss.device() == model_output.device(),
+              "fastdiff: grad_loss must be a contiguous ", acc, " tensor of shape (",
+              model_output.size(0), ") on ", model_output.device(), ", got ",
+              grad_loss.scalar_type(), " ", grad_loss.sizes(), " on ", grad_loss.device());
+}
+
+struct StepArgs {
+  int64_t n;         // elements per sample of `sample`
+  int64_t m_stride;  // elements per sample of model_output (n, or 2n when learned)
+};
+
+inline StepArgs check_ddpm_args(const at::Tensor& model_output, const at::Tensor& sample,
+                                const c10::optional<at::Tensor>& noise, const at::Tensor& t,
+                                const at::Tensor& t_prev, const at::Tensor& table,
+                                int64_t prediction_type, int64_t variance_type) {
+  check_codes(prediction_type, variance_type);
+  check_floating(sample, "sample");
+  const int64_t n = per_sample_numel(sample, "sample");
+  check_step_model_output(model_output, sample, variance_type);
+  if (noise.has_value()) check_like(*noise, "noise", sample, "sample");
+  check_schedule(sample, t, "t", table);
+  check_schedule(sample, t_prev, "t_prev", table);
+  const int64_t batch = sample.size(0);
+  return {n, batch == 0 ? 0 : model_output.numel() / batch};
+}
+
+inline int64_t check_ddim_args(const at::Tensor& model_output, const at::Tensor& sample,
+                               const at::Tensor& t, const at::Tensor& t_prev,
+                               const at::Tensor& table, int64_t prediction_type) {
+  check_codes(prediction_type, kFixedSmall);
+  check_floating(sample, "sample");
+  const int64_t n = per_sample_numel(sample, "sample");
+  check_like(model_output, "model_output", sample, "sample");
+  check_schedule(sample, t, "t", table);
+  check_schedule(sample, t_prev, "t_prev", table);
+  return n;
+}
+
 }  // namespace fastdiff
