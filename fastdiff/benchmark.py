@@ -418,6 +418,14 @@ def csv_rows(results, device_str: str, stamp: str):
                        "torch": tv, "triton": trv, "timestamp": stamp}
 
 
+def _load_average() -> str:
+    """The 1/5/15-minute load averages (on a shared machine, how busy it was while timing)."""
+    try:
+        return "  load average %.2f %.2f %.2f" % os.getloadavg()
+    except (AttributeError, OSError):
+        return ""
+
+
 def _split(s):
     return [x.strip() for x in s.split(",") if x.strip()]
 
@@ -497,10 +505,7 @@ def main(argv=None) -> int:
 
     dev_str = device_name(device)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    try:
-        load = "  load average %.2f %.2f %.2f" % os.getloadavg()
-    except (AttributeError, OSError):
-        load = ""
+    load = _load_average()
     print(f"fastdiff bench  device: {dev_str}  torch {torch.__version__}  triton {triton_version()}  "
           f"dtype {args.dtype}  {stamp}{load}")
     copy_bw = copy_bandwidth(device)
@@ -530,6 +535,7 @@ def main(argv=None) -> int:
         print(format_table(case, results, providers) + "\n", flush=True)
         all_results += results
 
+    print(f"end: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}{_load_average()}")
     if all_errors:
         print("provider errors:")
         for op, shp, mode, p, e in all_errors:
