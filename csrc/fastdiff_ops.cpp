@@ -10,9 +10,12 @@
 TORCH_LIBRARY(fastdiff, m) {
   m.def("q_sample(Tensor x0, Tensor noise, Tensor t, Tensor table) -> Tensor");
   m.def("_q_sample_bwd(Tensor grad_out, Tensor t, Tensor table) -> (Tensor, Tensor)");
+  // Returns (loss (B,), grad_model_output). With grad_scale != 0 the same pass
+  // also writes grad_scale * d loss_b / d model_output (the backward then only
+  // rescales it); with grad_scale == 0 the second output is empty, shape (0,).
   m.def(
       "diffusion_loss(Tensor model_output, Tensor x0, Tensor noise, Tensor t, Tensor table, "
-      "int prediction_type, float snr_gamma) -> Tensor");
+      "int prediction_type, float snr_gamma, float grad_scale) -> (Tensor, Tensor)");
   m.def(
       "_diffusion_loss_bwd(Tensor grad_loss, Tensor model_output, Tensor x0, Tensor noise, "
       "Tensor t, Tensor table, int prediction_type, float snr_gamma) -> Tensor");

@@ -16,6 +16,13 @@ inputs), as the C++ kernels do (loss_coeffs(...).to<acc_t>()); the loss is A.
 Deterministic forward, no atomics: stage 1 writes one partial sum of squares
 per (sample, block of BLOCK elements), so the split depends only on n; stage 2
 sums each sample's partials in a fixed order and applies w_b / n.
+
+Fused gradient (grad_scale != 0): stage 1, which already holds m - target,
+also writes grad_model_output = grad_scale * d L_b / d m
+= (grad_scale 2 w_b / n) (m - target), the per-sample factor derived in
+float64 and cast once to A (as the C++ kernels), the product in A, stored as
+T; the autograd backward then only rescales it. diffusion_loss_bwd (the
+recompute path) stays for grad_scale == 0.
 """
 import torch
 import triton
@@ -85,25 +92,39 @@ def _diffusion_loss_fwd_kernel(
     m_ptr,          # *T   (B, n) model output, flat per sample
     x0_ptr,         # *T   (B, n) clean data (read for sample / v targets)
     noise_ptr,      # *T   (B, n) noise (read for epsilon / v targets)
+    grad_m_ptr,     # *T   (B, n) output grad_scale * dL_b/dm, same layout as m
+                    #      (written only when WRITE_GRAD)
     partial_ptr,    # *A   (B, P) output: partial sums of squares, P = cdiv(n, BLOCK);
                     #      A = fp32 (fp64 for fp64 inputs)
     t_ptr,          # *i64 (B,) timestep of each sample
     table_ptr,      # *f64 (T, 4) schedule table
+    snr_gamma: tl.float64,   # min-SNR gamma; <= 0: unweighted (read when WRITE_GRAD)
+    grad_scale: tl.float64,  # the gradient's scale, dL/dL_b (read when WRITE_GRAD)
     n,              # int  elements per sample
     num_partials,   # int  P, partials per sample
-    PRED: tl.constexpr,   # prediction type: 0 epsilon, 1 sample, 2 v_prediction
-    BLOCK: tl.constexpr,  # elements per program (= per partial)
+    PRED: tl.constexpr,        # prediction type: 0 epsilon, 1 sample, 2 v_prediction
+    WRITE_GRAD: tl.constexpr,  # also write grad_m (grad_scale != 0)
+    BLOCK: tl.constexpr,       # elements per program (= per partial)
 ):
     """Stage 1 of L_b = w_b / n sum_i (m_i - target_i)^2:
     partial[b, i] = sum_{j in block i} (m_j - target_j)^2 in A, target per
     schedule_math.h loss_coeffs / loss_residual (see module docstring).
-    VJP: the backward kernel, d m_i = 2 w_b dL_b / n (m_i - target_i)."""
+    WRITE_GRAD: also grad_m_j = (grad_scale 2 w_b / n) (m_j - target_j), the
+    VJP with dL_b = grad_scale (the factor in float64 then cast to A, as the
+    C++ kernels; the product in A).
+    VJP otherwise: the backward kernel, d m_i = 2 w_b dL_b / n (m_i - target_i)."""
     b = tl.program_id(1)
     t = tl.load(t_ptr + b)
     start, offs, mask = _sample_block(n, BLOCK)
     base = b.to(tl.int64) * n + start
     r = _loss_residual(m_ptr, x0_ptr, noise_ptr, table_ptr, t, base, offs, mask, PRED)
     tl.store(partial_ptr + b.to(tl.int64) * num_partials + tl.program_id(0), tl.sum(r * r, axis=0))
+    if WRITE_GRAD:
+        # The per-sample factor in float64 (as loss_coeffs), cast once to A.
+        ACC: tl.constexpr = partial_ptr.dtype.element_ty
+        w = _loss_weight(table_ptr, t, snr_gamma, PRED)
+        scale = (grad_scale * 2.0 * w / tl.cast(n, w.dtype)).to(ACC)
+        tl.store(grad_m_ptr + base + offs, _to_out(scale * r, grad_m_ptr), mask=mask)
 
 
 @triton.jit
@@ -165,25 +186,38 @@ def _diffusion_loss_bwd_kernel(
 # ---------------------------------------------------------------------------
 # Launchers (signatures of torch.ops.fastdiff.diffusion_loss / _diffusion_loss_bwd).
 # ---------------------------------------------------------------------------
-def diffusion_loss_fwd(model_output, x0, noise, t, table, prediction_type, snr_gamma):
+def diffusion_loss_fwd(model_output, x0, noise, t, table, prediction_type, snr_gamma,
+                       grad_scale):
+    """(loss (B,) in A, grad_model_output): with grad_scale != 0 the second is
+    grad_scale * dL_b/d model_output (like model_output), written by the same
+    stage-1 pass; with grad_scale == 0 it is empty, shape (0,)."""
     acc = check_inputs(model_output, table, t)
     pred = int(prediction_type)
+    grad_scale = float(grad_scale)
+    write_grad = grad_scale != 0.0
     batch, n = per_sample(model_output)
     loss = torch.empty(batch, dtype=acc, device=model_output.device)
+    if write_grad:
+        grad_m = torch.empty_like(model_output)
+    else:
+        grad_m = torch.empty((0,), dtype=model_output.dtype, device=model_output.device)
     if batch == 0:
-        return loss
+        return loss, grad_m
     if n == 0:
-        return loss.fill_(float("nan"))  # the mean of nothing, as the CPU kernel
+        return loss.fill_(float("nan")), grad_m  # the mean of nothing, as the CPU kernel
     num_partials = triton.cdiv(n, BLOCK)
     partial = torch.empty(batch, num_partials, dtype=acc, device=model_output.device)
     for s in batch_slices(batch):
+        # Without WRITE_GRAD grad_m_ptr is never touched: model_output stands in.
+        out = grad_m[s] if write_grad else model_output[s]
         _diffusion_loss_fwd_kernel[(num_partials, s.stop - s.start)](
-            model_output[s], x0[s], noise[s], partial[s], t[s], table, n, num_partials,
-            PRED=pred, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            model_output[s], x0[s], noise[s], out, partial[s], t[s], table,
+            float(snr_gamma), grad_scale, n, num_partials,
+            PRED=pred, WRITE_GRAD=write_grad, BLOCK=BLOCK, num_warps=NUM_WARPS)
         _diffusion_loss_fwd_reduce_kernel[(s.stop - s.start,)](
             partial[s], loss[s], t[s], table, float(snr_gamma), n, num_partials,
             PRED=pred, REDUCE_BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS)
-    return loss
+    return loss, grad_m
 
 
 def diffusion_loss_bwd(grad_loss, model_output, x0, noise, t, table, prediction_type, snr_gamma):
@@ -207,13 +241,16 @@ def diffusion_loss_bwd(grad_loss, model_output, x0, noise, t, table, prediction_
 
 _TYPES = {
     "t_ptr": "*i64", "table_ptr": "*fp64", "partial_ptr": "*{acc}", "loss_ptr": "*{acc}",
-    "grad_loss_ptr": "*{acc}", "snr_gamma": "fp64", "n": "i32", "num_partials": "i32",
+    "grad_loss_ptr": "*{acc}", "snr_gamma": "fp64", "grad_scale": "fp64", "n": "i32",
+    "num_partials": "i32",
 }
 
 KERNEL_CONFIGS = (
-    [kernel_config(_diffusion_loss_fwd_kernel, dtype, {"PRED": pred, "BLOCK": BLOCK},
-                   types=_TYPES)
-     for pred in (EPSILON, SAMPLE, V_PREDICTION) for dtype in CONFIG_DTYPES]
+    # stage 1 in both variants: loss only, and loss + the fused gradient.
+    [kernel_config(_diffusion_loss_fwd_kernel, dtype,
+                   {"PRED": pred, "WRITE_GRAD": write_grad, "BLOCK": BLOCK}, types=_TYPES)
+     for write_grad in (False, True) for pred in (EPSILON, SAMPLE, V_PREDICTION)
+     for dtype in CONFIG_DTYPES]
     # stage 2 reads only A-typed buffers (fp32 for every dtype listed).
     + [kernel_config(_diffusion_loss_fwd_reduce_kernel, "fp32",
                      {"PRED": pred, "REDUCE_BLOCK": REDUCE_BLOCK}, types=_TYPES)

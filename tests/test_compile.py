@@ -26,7 +26,8 @@ def _op_cases():
     return {
         "q_sample": (x, noise, t, tab),
         "_q_sample_bwd": (x, t, tab),
-        "diffusion_loss": (m, x, noise, t, tab, 2, 5.0),
+        "diffusion_loss": (m, x, noise, t, tab, 2, 5.0, 0.5),
+        "diffusion_loss_nograd": (m, x, noise, t, tab, 2, 5.0, 0.0),
         "_diffusion_loss_bwd": (loss_grad, m, x, noise, t, tab, 2, 5.0),
         "ddpm_step": (ml, x, noise, t, t - 1, tab, 0, 5, True, 1.0),
         "_ddpm_step_bwd": (x, ml, x, noise, t, t - 1, tab, 0, 5, True, 1.0),
@@ -45,7 +46,7 @@ def test_opcheck(namespace, name):
     args = tuple(a.clone().requires_grad_(a.is_floating_point() and not name.startswith("_") and a.dim() > 1
                                           and a is not args[2 if name.startswith("ddpm") else -1])
                  if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() > 1 else a for a in args)
-    op = getattr(getattr(torch.ops, namespace), name).default
+    op = getattr(getattr(torch.ops, namespace), name.replace("_nograd", "")).default
     torch.library.opcheck(op, args)
 
 

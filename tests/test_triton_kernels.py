@@ -343,6 +343,11 @@ def test_q_sample_channels_last(dtype):
 # ---------------------------------------------------------------------------
 # diffusion_loss
 # ---------------------------------------------------------------------------
+# grad_scale values of the fused forward: 1.0 (loss.sum()) and 0.25
+# (loss.mean() over a batch of 4).
+GRAD_SCALES = (1.0, 0.25)
+
+
 def _run_loss(shape, dtype, pred, gamma, channels_last=False):
     tab = _table(dtype)
     t, _ = _timesteps(shape[0])
@@ -351,24 +356,48 @@ def _run_loss(shape, dtype, pred, gamma, channels_last=False):
     z = _randn(shape, dtype, 3, channels_last=channels_last)
     gl = _randn((shape[0],), _acc(dtype), 4)
     L = K["diffusion_loss"]
-    loss = _tri(L.diffusion_loss_fwd, m, x0, z, t, tab, pred, gamma)
+    loss, no_grad = _tri(L.diffusion_loss_fwd, m, x0, z, t, tab, pred, gamma, 0.0)
     assert loss.dtype == _acc(dtype) and loss.shape == (shape[0],)
+    assert no_grad.shape == (0,) and no_grad.dtype == dtype, "grad_scale 0 writes no gradient"
     # The loss is computed in the compute dtype from the (rounded) inputs.
     tol = 1e-5 if loss.dtype == torch.float32 else 1e-12
-    cpp = CPP.diffusion_loss(m, x0, z, t, tab, pred, gamma)
+    cpp, cpp_grad = CPP.diffusion_loss(m, x0, z, t, tab, pred, gamma, 0.0)
     assert torch.allclose(loss, cpp, rtol=tol, atol=0), f"loss vs C++: {_err(loss, cpp)}"
+    assert cpp_grad.shape == (0,) and cpp_grad.dtype == dtype
     m64 = m.double().requires_grad_(True)
     exact = ref_loss(m64, x0.double(), z.double(), t, tab, pred, gamma)
     assert torch.allclose(loss.double(), exact.detach(), rtol=tol, atol=0), \
         f"loss vs float64 formula: {_err(loss, exact.detach())}"
+
+    def eager_grad(g):
+        """d (g . L) / d m by autograd in the input dtype (16-bit dtypes only)."""
+        if dtype not in LOW:
+            return None
+        me = m.clone().requires_grad_(True)
+        return torch.autograd.grad(ref_loss(me, x0, z, t, tab, pred, gamma), me, g.to(dtype))[0]
+
+    # Recompute backward.
     gm = _tri(L.diffusion_loss_bwd, gl, m, x0, z, t, tab, pred, gamma)
     check_vs_cpp(gm, CPP._diffusion_loss_bwd(gl, m, x0, z, t, tab, pred, gamma), "loss d m")
-    (gexact,) = torch.autograd.grad(exact, m64, gl.double())
-    eager = None
-    if dtype in LOW:
-        me = m.clone().requires_grad_(True)
-        (eager,) = torch.autograd.grad(ref_loss(me, x0, z, t, tab, pred, gamma), me, gl.to(dtype))
-    check_vs_ref(gm, gexact, eager, "loss d m")
+    (gexact,) = torch.autograd.grad(exact, m64, gl.double(), retain_graph=True)
+    check_vs_ref(gm, gexact, eager_grad(gl), "loss d m")
+
+    # Fused forward: the same loss, plus grad_scale * d L_b / d m from stage 1.
+    for gs in GRAD_SCALES:
+        what = f"fused loss d m (grad_scale {gs})"
+        loss_g, fused = _tri(L.diffusion_loss_fwd, m, x0, z, t, tab, pred, gamma, gs)
+        assert torch.equal(loss_g, loss), f"{what}: the loss changed with WRITE_GRAD"
+        assert fused.shape == m.shape and fused.dtype == dtype, what
+        assert fused.stride() == m.stride(), f"{what}: strides {fused.stride()} != {m.stride()}"
+        g = torch.full((shape[0],), gs, dtype=_acc(dtype))
+        cpp_loss_g, cpp_fused = CPP.diffusion_loss(m, x0, z, t, tab, pred, gamma, gs)
+        assert torch.allclose(loss_g, cpp_loss_g, rtol=tol, atol=0), what
+        check_vs_cpp(fused, cpp_fused, what)
+        # The recompute path with dL_b = grad_scale: the same gradient.
+        check_vs_cpp(fused, _tri(L.diffusion_loss_bwd, g, m, x0, z, t, tab, pred, gamma),
+                     f"{what} vs the recompute backward")
+        (gexact,) = torch.autograd.grad(exact, m64, g.double(), retain_graph=True)
+        check_vs_ref(fused, gexact, eager_grad(g), what)
     return loss
 
 
@@ -400,8 +429,11 @@ def test_diffusion_loss_multi_partial_reduction(monkeypatch):
     tab = _table()
     t, _ = _timesteps(3)
     args = [_randn((3, 4, 5, 7), torch.float32, s) for s in (1, 2, 3)]
-    again = _tri(L.diffusion_loss_fwd, *args, t, tab, 2, 5.0)
+    again, _ = _tri(L.diffusion_loss_fwd, *args, t, tab, 2, 5.0, 0.0)
     assert torch.equal(loss, again)
+    fused_loss, fused = _tri(L.diffusion_loss_fwd, *args, t, tab, 2, 5.0, 0.25)
+    assert torch.equal(loss, fused_loss)
+    assert torch.equal(fused, _tri(L.diffusion_loss_fwd, *args, t, tab, 2, 5.0, 0.25)[1])
 
 
 def test_diffusion_loss_reads_only_the_target_inputs():
@@ -413,17 +445,46 @@ def test_diffusion_loss_reads_only_the_target_inputs():
     L = K["diffusion_loss"]
     gl = torch.ones(2)
     for pred, args in ((0, (m, poison, z)), (1, (m, x0, poison))):
-        loss = _tri(L.diffusion_loss_fwd, *args, t, tab, pred, 0.0)
-        assert torch.isfinite(loss).all(), f"prediction_type {pred} read an unused input"
-        assert torch.equal(loss, _tri(L.diffusion_loss_fwd, m, x0, z, t, tab, pred, 0.0))
+        for gs in (0.0, 1.0):
+            loss, grad = _tri(L.diffusion_loss_fwd, *args, t, tab, pred, 0.0, gs)
+            assert torch.isfinite(loss).all(), f"prediction_type {pred} read an unused input"
+            assert torch.isfinite(grad).all(), f"prediction_type {pred} read an unused input"
+            want = _tri(L.diffusion_loss_fwd, m, x0, z, t, tab, pred, 0.0, gs)
+            assert torch.equal(loss, want[0]) and torch.equal(grad, want[1])
         assert torch.isfinite(_tri(L.diffusion_loss_bwd, gl, *args, t, tab, pred, 0.0)).all()
 
 
 def test_diffusion_loss_empty_sample_is_nan():
     x = torch.empty(2, 0)
     t, _ = _timesteps(2)
-    loss = _tri(K["diffusion_loss"].diffusion_loss_fwd, x, x, x, t, _table(), 0, 0.0)
+    fwd = K["diffusion_loss"].diffusion_loss_fwd
+    loss, grad = _tri(fwd, x, x, x, t, _table(), 0, 0.0, 0.0)
     assert loss.shape == (2,) and torch.isnan(loss).all()
+    assert grad.shape == (0,) and grad.dtype == x.dtype
+    loss, grad = _tri(fwd, x, x, x, t, _table(), 0, 0.0, 1.0)
+    assert loss.shape == (2,) and torch.isnan(loss).all()
+    assert grad.shape == (2, 0) and grad.dtype == x.dtype
+
+
+def test_diffusion_loss_empty_batch():
+    x = torch.empty(0, 3, 4, dtype=torch.bfloat16)
+    t = torch.empty(0, dtype=torch.int64)
+    fwd = K["diffusion_loss"].diffusion_loss_fwd
+    loss, grad = _tri(fwd, x, x, x, t, _table(), 2, 5.0, 0.0)
+    assert loss.shape == (0,) and loss.dtype == torch.float32 and grad.shape == (0,)
+    loss, grad = _tri(fwd, x, x, x, t, _table(), 2, 5.0, 0.5)
+    assert loss.shape == (0,) and grad.shape == (0, 3, 4) and grad.dtype == torch.bfloat16
+
+
+def test_diffusion_loss_configs_cover_both_write_grad_variants():
+    """`fastdiff kernels` compiles stage 1 with and without the fused gradient."""
+    L = K["diffusion_loss"]
+    seen = {(tuple(sorted(c["constexprs"].items())), c["dtype"])
+            for c in L.KERNEL_CONFIGS if c["name"] == "_diffusion_loss_fwd_kernel"}
+    for pred, write_grad, dtype in itertools.product(range(3), (False, True),
+                                                      ("fp32", "bf16", "fp16")):
+        key = {"PRED": pred, "WRITE_GRAD": write_grad, "BLOCK": L.BLOCK}
+        assert (tuple(sorted(key.items())), dtype) in seen
 
 
 # ---------------------------------------------------------------------------

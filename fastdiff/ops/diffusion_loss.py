@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import reference
 from .._backend import select
@@ -47,14 +48,21 @@ def diffusion_loss(model_output, x0, noise, t, schedule, prediction_type="epsilo
     else:
         model_output, x0, noise = same_layout(model_output, x0, noise)
         table = schedule.table(model_output.device)
-        loss = op_namespace(name).diffusion_loss(model_output, x0, noise, t, table, pred,
-                                                 float(snr_gamma or 0.0))
+        # The MSE's gradient is known in the forward: when it will be needed, the forward
+        # pass writes it too (scaled for the mean) and the backward only rescales it.
+        grad_scale = 0.0
+        if torch.is_grad_enabled() and model_output.requires_grad:
+            grad_scale = 1.0 / batch if reduction == "mean" else 1.0
+        loss, _ = op_namespace(name).diffusion_loss(model_output, x0, noise, t, table, pred,
+                                                    float(snr_gamma or 0.0), grad_scale)
     loss = loss.to(out_dtype)
     return loss.mean() if reduction == "mean" else loss
 
 
-def _fake(model_output, x0, noise, t, table, prediction_type, snr_gamma):
-    return model_output.new_empty((model_output.shape[0],), dtype=opmath_dtype(model_output.dtype))
+def _fake(model_output, x0, noise, t, table, prediction_type, snr_gamma, grad_scale):
+    loss = model_output.new_empty((model_output.shape[0],), dtype=opmath_dtype(model_output.dtype))
+    grad = torch.empty_like(model_output) if grad_scale != 0 else model_output.new_empty((0,))
+    return loss, grad
 
 
 def _fake_bwd(grad_loss, model_output, x0, noise, t, table, prediction_type, snr_gamma):
@@ -62,16 +70,40 @@ def _fake_bwd(grad_loss, model_output, x0, noise, t, table, prediction_type, snr
 
 
 def _setup_context(ctx, inputs, output):
-    model_output, x0, noise, t, table, prediction_type, snr_gamma = inputs
+    model_output, x0, noise, t, table, prediction_type, snr_gamma, grad_scale = inputs
     ctx.save_for_backward(model_output, x0, noise, t, table)
-    ctx.prediction_type, ctx.snr_gamma = prediction_type, snr_gamma
+    ctx.prediction_type, ctx.snr_gamma, ctx.grad_scale = prediction_type, snr_gamma, grad_scale
+    # detach(): keeping the op's own output on ctx would make a reference cycle.
+    ctx.precomputed = output[1].detach() if grad_scale != 0 else None
+
+
+def _tracing(x) -> bool:
+    return torch.compiler.is_compiling() or is_fake(x)
+
+
+def _is_exactly(grad_loss, value) -> bool:
+    """grad_loss == value everywhere, decided without a device sync and never while tracing
+    (then False: the rescale is always correct, only sometimes unnecessary)."""
+    if grad_loss.device.type != "cpu" or _tracing(grad_loss):
+        return False
+    return bool((grad_loss == value).all())
 
 
 def _make_backward(bwd_op):
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_of_grad_output):
         model_output, x0, noise, t, table = ctx.saved_tensors
-        grad_m = bwd_op(grad_loss.contiguous(), model_output, x0, noise, t, table, ctx.prediction_type,
-                        ctx.snr_gamma)
+        # The forward's gradient is handed out once; a second backward (retain_graph)
+        # recomputes it with the backward kernel.
+        grad_m, ctx.precomputed = ctx.precomputed, None
+        if grad_m is not None:
+            # grad_m = grad_scale * d loss / d m; the upstream grad is usually exactly
+            # grad_scale (loss.mean().backward()): then there is nothing left to do.
+            if not _is_exactly(grad_loss, ctx.grad_scale):
+                # Out of place: the buffer is also the op's second output.
+                grad_m = grad_m * (grad_loss / ctx.grad_scale).view((-1,) + (1,) * (model_output.dim() - 1))
+        else:
+            grad_m = bwd_op(grad_loss.contiguous(), model_output, x0, noise, t, table, ctx.prediction_type,
+                            ctx.snr_gamma)
         grad_x0 = grad_noise = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # target = c_noise * noise + c_x0 * x0, and dL/dtarget = -dL/dm.
@@ -82,15 +114,15 @@ def _make_backward(bwd_op):
                 grad_x0 = (-grad_m * c_x0.view(shape)).to(x0.dtype)
             if ctx.needs_input_grad[2]:
                 grad_noise = (-grad_m * c_noise.view(shape)).to(noise.dtype)
-        return (grad_m if ctx.needs_input_grad[0] else None), grad_x0, grad_noise, None, None, None, None
+        return (grad_m if ctx.needs_input_grad[0] else None), grad_x0, grad_noise, None, None, None, None, None
 
     return backward
 
 
-def _triton_fwd(model_output, x0, noise, t, table, prediction_type, snr_gamma):
+def _triton_fwd(model_output, x0, noise, t, table, prediction_type, snr_gamma, grad_scale):
     from ..kernels import diffusion_loss as k
 
-    return k.diffusion_loss_fwd(model_output, x0, noise, t, table, prediction_type, snr_gamma)
+    return k.diffusion_loss_fwd(model_output, x0, noise, t, table, prediction_type, snr_gamma, grad_scale)
 
 
 def _triton_bwd(grad_loss, model_output, x0, noise, t, table, prediction_type, snr_gamma):
