@@ -8,9 +8,16 @@
 // squared residual per (sample, chunk of kLossChunk elements); the chunk count
 // depends only on n and each block reduces in a fixed order. Stage 2 sums each
 // sample's partials in chunk order and applies w_b / n.
+//
+// With grad_scale != 0 stage 1 also writes grad_m = grad_scale * 2 w_b / n *
+// (m - target) from the residuals it already has (MSE's gradient is known in
+// the forward), so the autograd backward only rescales it; the separate
+// backward kernel below remains the fallback.
 #include <torch/library.h>
 
 #include <cub/block/block_reduce.cuh>
+
+#include <tuple>
 
 #include "cuda_utils.cuh"
 
@@ -23,7 +30,12 @@ constexpr int64_t kLossChunk = 4096;
 // Stage 1. Thread k of a block accumulates, in order, the packs at
 // chunk_begin + (p * kThreads + k) * kPack for p = 0 .. kPacks - 1; the block
 // then sums its threads with cub::BlockReduce (a fixed shuffle tree).
-template <typename scalar_t, bool kAligned, typename acc_t = at::opmath_type<scalar_t>>
+// kWriteGrad: also store grad_m = grad_scale * 2 w_b / n * residual, the factor
+// computed once per sample by thread 0 (in float64, rounded to acc_t, as on
+// the CPU); residuals and products are acc_t. Without it grad_m and
+// grad_scale are unused and the kernel is the plain loss reduction.
+template <typename scalar_t, bool kAligned, bool kWriteGrad,
+          typename acc_t = at::opmath_type<scalar_t>>
 __global__ void __launch_bounds__(kThreads)
 diffusion_loss_partial_kernel(const scalar_t* __restrict__ model_output,  // (B, n) prediction
                               const scalar_t* __restrict__ x0,            // (B, n) clean data
@@ -31,17 +43,20 @@ diffusion_loss_partial_kernel(const scalar_t* __restrict__ model_output,  // (B,
                               const int64_t* __restrict__ t,              // (B,) timesteps
                               const double* __restrict__ table,           // (T, 4) float64
                               acc_t* __restrict__ partial,                // (B, gridDim.x) sums
+                              scalar_t* __restrict__ grad_m,              // (B, n) or unused
                               int64_t batch,                              // B
                               int64_t n,                                  // elements per sample
                               int64_t num_timesteps,                      // T
                               int prediction_type,                        // PredictionType
-                              double snr_gamma) {                         // <= 0: unweighted
+                              double snr_gamma,                           // <= 0: unweighted
+                              double grad_scale) {                        // kWriteGrad only
   constexpr int N = kPack<scalar_t>;
   constexpr int kPacks = int(kLossChunk / (kThreads * N));
   static_assert(kPacks * kThreads * N == kLossChunk, "kLossChunk must be whole packs");
   using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
   __shared__ typename BlockReduce::TempStorage reduce_storage;
   __shared__ LossCoeffs<acc_t> coeffs;
+  __shared__ acc_t grad_factor;  // kWriteGrad only (dropped otherwise)
   const int64_t chunk_begin = int64_t(blockIdx.x) * kLossChunk;
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
     // model_output is always read: its loads are issued before the coefficients are ready.
@@ -53,7 +68,11 @@ diffusion_loss_partial_kernel(const scalar_t* __restrict__ model_output,  // (B,
     }
     if (threadIdx.x == 0) {
       check_timestep(t[b], num_timesteps, false);
-      coeffs = loss_coeffs(table, t[b], prediction_type, snr_gamma).template to<acc_t>();
+      const LossCoeffs<double> c64 = loss_coeffs(table, t[b], prediction_type, snr_gamma);
+      coeffs = c64.template to<acc_t>();
+      if constexpr (kWriteGrad) {  // in float64, then rounded once (as on the CPU)
+        grad_factor = acc_t(grad_scale * 2.0 * c64.weight / double(n));
+      }
     }
     __syncthreads();
     const LossCoeffs<acc_t> c = coeffs;
@@ -78,16 +97,23 @@ diffusion_loss_partial_kernel(const scalar_t* __restrict__ model_output,  // (B,
         } else {
           zero_pack(zv);
         }
+        acc_t r[N];
 #pragma unroll
         for (int j = 0; j < N; ++j) {
-          const acc_t r = loss_residual(c, mv[j], xv[j], zv[j]);  // 0 past n
-          acc = r * r + acc;
+          r[j] = loss_residual(c, mv[j], xv[j], zv[j]);  // 0 past n
+          acc = r[j] * r[j] + acc;
+        }
+        if constexpr (kWriteGrad) {
+          const acc_t s = grad_factor;
+#pragma unroll
+          for (int j = 0; j < N; ++j) r[j] = s * r[j];
+          store_pack<kAligned>(grad_m + off, n - i, r);
         }
       }
     }
     const acc_t sum = BlockReduce(reduce_storage).Sum(acc);
     if (threadIdx.x == 0) partial[b * gridDim.x + blockIdx.x] = sum;
-    if (b + gridDim.y < batch) __syncthreads();  // coeffs and reduce_storage are reused
+    if (b + gridDim.y < batch) __syncthreads();  // coeffs, grad_factor, reduce_storage reused
   }
 }
 
@@ -176,19 +202,26 @@ int64_t check_loss_args_cuda(const at::Tensor& model_output, const at::Tensor& x
   return check_loss_args(model_output, x0, noise, t, table, prediction_type);
 }
 
-at::Tensor diffusion_loss_cuda(const at::Tensor& model_output,  // (B, ...) float
-                               const at::Tensor& x0,            // same layout
-                               const at::Tensor& noise,         // same layout
-                               const at::Tensor& t,             // (B,) int64
-                               const at::Tensor& table,         // (T, 4)
-                               int64_t prediction_type,         // PredictionType
-                               double snr_gamma) {              // <= 0: unweighted
+// Returns (loss (B,) in opmath, grad_m): grad_m = grad_scale * d loss_b / d model_output
+// (model_output's dtype and layout) when grad_scale != 0, else an empty (0,) tensor.
+std::tuple<at::Tensor, at::Tensor> diffusion_loss_cuda(
+    const at::Tensor& model_output,  // (B, ...) float
+    const at::Tensor& x0,            // same layout
+    const at::Tensor& noise,         // same layout
+    const at::Tensor& t,             // (B,) int64
+    const at::Tensor& table,         // (T, 4)
+    int64_t prediction_type,         // PredictionType
+    double snr_gamma,                // <= 0: unweighted
+    double grad_scale) {             // 0: no gradient
   const int64_t n = check_loss_args_cuda(model_output, x0, noise, t, table, prediction_type);
   const int64_t batch = model_output.size(0);
   const auto acc_type = at::toOpMathType(model_output.scalar_type());
+  const bool write_grad = grad_scale != 0.0;
   at::Tensor loss = at::empty({batch}, model_output.options().dtype(acc_type));
-  if (batch == 0) return loss;
-  if (n == 0) return loss.fill_(NAN);  // mean over no elements, as on the CPU
+  at::Tensor grad_m =
+      write_grad ? at::empty_like(model_output) : at::empty({0}, model_output.options());
+  if (batch == 0) return {loss, grad_m};
+  if (n == 0) return {loss.fill_(NAN), grad_m};  // mean over no elements, as on the CPU
   const c10::cuda::CUDAGuard guard(model_output.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t chunks = at::ceil_div(n, kLossChunk);
@@ -202,12 +235,22 @@ at::Tensor diffusion_loss_cuda(const at::Tensor& model_output,  // (B, ...) floa
     const int64_t* t_p = t.const_data_ptr<int64_t>();
     const double* tab = table.const_data_ptr<double>();
     acc_t* partial_p = partial.mutable_data_ptr<acc_t>();
+    scalar_t* gm_p = write_grad ? grad_m.mutable_data_ptr<scalar_t>() : nullptr;
     const dim3 grid = sample_grid(chunks, batch);
-    dispatch_aligned(can_use_packs<scalar_t>(n, {m_p, x0_p, noise_p}), [&](auto aligned) {
-      diffusion_loss_partial_kernel<scalar_t, decltype(aligned)::value>
-          <<<grid, kThreads, 0, stream>>>(m_p, x0_p, noise_p, t_p, tab, partial_p, batch, n,
-                                          table.size(0), int(prediction_type), snr_gamma);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // gm_p is nullptr (ignored by can_use_packs) when no gradient is written.
+    dispatch_aligned(can_use_packs<scalar_t>(n, {m_p, x0_p, noise_p, gm_p}), [&](auto aligned) {
+      constexpr bool kAligned = decltype(aligned)::value;
+      const auto launch = [&](auto kernel) {
+        kernel<<<grid, kThreads, 0, stream>>>(m_p, x0_p, noise_p, t_p, tab, partial_p, gm_p,
+                                              batch, n, table.size(0), int(prediction_type),
+                                              snr_gamma, grad_scale);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (write_grad) {
+        launch(diffusion_loss_partial_kernel<scalar_t, kAligned, true>);
+      } else {
+        launch(diffusion_loss_partial_kernel<scalar_t, kAligned, false>);
+      }
     });
     diffusion_loss_finalize_kernel<acc_t>
         <<<unsigned(at::ceil_div<int64_t>(batch, kThreads)), kThreads, 0, stream>>>(
@@ -215,7 +258,7 @@ at::Tensor diffusion_loss_cuda(const at::Tensor& model_output,  // (B, ...) floa
             int(prediction_type), snr_gamma);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return loss;
+  return {loss, grad_m};
 }
 
 at::Tensor diffusion_loss_bwd_cuda(const at::Tensor& grad_loss,     // (B,) opmath
