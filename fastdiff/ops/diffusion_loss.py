@@ -73,6 +73,8 @@ def _setup_context(ctx, inputs, output):
     model_output, x0, noise, t, table, prediction_type, snr_gamma, grad_scale = inputs
     ctx.save_for_backward(model_output, x0, noise, t, table)
     ctx.prediction_type, ctx.snr_gamma, ctx.grad_scale = prediction_type, snr_gamma, grad_scale
+    # The second output (the gradient buffer) gets no gradient: do not materialize zeros for it.
+    ctx.set_materialize_grads(False)
     # detach(): keeping the op's own output on ctx would make a reference cycle.
     ctx.precomputed = output[1].detach() if grad_scale != 0 else None
 
