@@ -93,6 +93,8 @@ def _is_exactly(grad_loss, value) -> bool:
 
 def _make_backward(bwd_op):
     def backward(ctx, grad_loss, _grad_of_grad_output):
+        if grad_loss is None:  # grads not materialized: nothing flows from the loss
+            return (None,) * 8
         model_output, x0, noise, t, table = ctx.saved_tensors
         # The forward's gradient is handed out once; a second backward (retain_graph)
         # recomputes it with the backward kernel.
