@@ -45,15 +45,20 @@ def load():
             errors[f"_C_cpu_{cap}"] = f"{type(e).__name__}: {e}"
 
 
+_kernel_cache: dict[tuple[str, str], bool] = {}
+
+
 # Evaluated once at trace time under torch.compile (a constant, not a graph op).
 @torch.compiler.assume_constant_result
 def has_kernel(op: str, dispatch_key: str) -> bool:
-    if not loaded_main:
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiff::{op}", dispatch_key)
-    except RuntimeError:
-        return False
+    key = (op, dispatch_key)
+    if key not in _kernel_cache:  # registrations do not change after load()
+        try:
+            found = loaded_main and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiff::{op}", dispatch_key)
+        except RuntimeError:
+            found = False
+        _kernel_cache[key] = found
+    return _kernel_cache[key]
 
 
 load()

@@ -106,16 +106,17 @@ inline void vector_steps(int64_t begin, int64_t end, const F& f) {
   if (i < end) f(i, end - i);
 }
 
-// Timesteps index the table: out-of-range values are rejected before any read.
+// Timesteps index the table: out-of-range values are rejected before any read,
+// as a ValueError in Python (the public API leaves this check to the CPU kernel).
 // t_prev may be negative (alpha_bar_prev = 1).
 inline void check_timesteps(const at::Tensor& t, const char* name, const at::Tensor& table,
                             bool allow_negative) {
   const int64_t* p = t.const_data_ptr<int64_t>();
   const int64_t num_timesteps = table.size(0);
   for (int64_t i = 0; i < t.numel(); ++i) {
-    TORCH_CHECK(p[i] < num_timesteps && (allow_negative || p[i] >= 0), "fastdiff: ", name, "[",
-                i, "] = ", p[i], " is outside [", allow_negative ? "-inf" : "0", ", ",
-                num_timesteps, ")");
+    TORCH_CHECK_VALUE(p[i] < num_timesteps && (allow_negative || p[i] >= 0), name, " contains ",
+                      p[i], " (at index ", i, "), outside [", allow_negative ? "-inf" : "0",
+                      ", ", num_timesteps, ")");
   }
 }
 

@@ -48,8 +48,9 @@ def check_choice(value, name: str, choices):
 
 
 def timesteps(t, name: str, batch: int, device: torch.device, num_timesteps: int,
-              allow_negative: bool = False) -> torch.Tensor:
-    """t as an int64 (B,) tensor on ``device``, range-checked."""
+              allow_negative: bool = False, kernel_checks_range: bool = False) -> torch.Tensor:
+    """t as an int64 (B,) tensor on ``device``, range-checked (here, or by the CPU kernel
+    itself when ``kernel_checks_range``: it raises the same ValueError without an extra pass)."""
     lo_ok = "-inf" if allow_negative else "0"
     if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
         raise TypeError(f"{name} must be an int or an integer tensor of shape ({batch},), got {type(t).__name__}")
@@ -66,7 +67,7 @@ def timesteps(t, name: str, batch: int, device: torch.device, num_timesteps: int
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the inputs are on {device}")
     t = t.to(torch.int64).contiguous()
-    if batch and not torch.compiler.is_compiling():
+    if batch and not kernel_checks_range and not torch.compiler.is_compiling():
         lo, hi = torch.stack([t.min(), t.max()]).tolist()  # one host sync for both
         if hi >= num_timesteps or (lo < 0 and not allow_negative):
             bad = hi if hi >= num_timesteps else lo
@@ -92,6 +93,8 @@ def _dense(x: torch.Tensor) -> bool:
 
 
 def _flat(x: torch.Tensor) -> bool:
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return True  # the common layouts, decided in C++
     b = x.shape[0]
     return _dense(x) and (b <= 1 or x.stride(0) == x.numel() // b)
 

@@ -29,15 +29,17 @@ def ddim_step(model_output, t, t_prev, sample, schedule, eta=0.0, noise=None, ge
     if not isinstance(clip_sample_range, (int, float)) or not clip_sample_range > 0:
         raise ValueError(f"clip_sample_range must be a positive number, got {clip_sample_range!r}")
     batch, device = sample.shape[0], sample.device
-    t = timesteps(t, "t", batch, device, schedule.num_timesteps)
-    t_prev = timesteps(t_prev, "t_prev", batch, device, schedule.num_timesteps, allow_negative=True)
+    name = select("ddim_step", device, backend)
+    in_kernel = name == "cpu"
+    t = timesteps(t, "t", batch, device, schedule.num_timesteps, kernel_checks_range=in_kernel)
+    t_prev = timesteps(t_prev, "t_prev", batch, device, schedule.num_timesteps, allow_negative=True,
+                       kernel_checks_range=in_kernel)
     if eta > 0:
         if noise is None:
             noise = randn_like_diffusers(sample.shape, generator, device, sample.dtype)
         check_tensor(noise, "noise", like=sample, like_name="sample")
     else:
         noise = None
-    name = select("ddim_step", device, backend)
     if name == "reference":
         return reference.ddim_step(model_output, t, t_prev, sample, schedule, eta, noise, prediction_type,
                                    clip_sample, clip_sample_range, use_clipped_model_output)

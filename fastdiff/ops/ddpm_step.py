@@ -44,14 +44,15 @@ def ddpm_step(model_output, t, sample, schedule, noise=None, generator=None, pre
     if not isinstance(clip_sample_range, (int, float)) or not clip_sample_range > 0:
         raise ValueError(f"clip_sample_range must be a positive number, got {clip_sample_range!r}")
     batch, device = sample.shape[0], sample.device
-    t = timesteps(t, "t", batch, device, schedule.num_timesteps)
+    name = select("ddpm_step", device, backend)
+    in_kernel = name == "cpu"
+    t = timesteps(t, "t", batch, device, schedule.num_timesteps, kernel_checks_range=in_kernel)
     t_prev = t - 1 if t_prev is None else timesteps(t_prev, "t_prev", batch, device, schedule.num_timesteps,
-                                                    allow_negative=True)
+                                                    allow_negative=True, kernel_checks_range=in_kernel)
     if noise is not None:
         check_tensor(noise, "noise", like=sample, like_name="sample")
     elif batch and bool((t > 0).any()):
         noise = randn_like_diffusers(sample.shape, generator, device, sample.dtype)
-    name = select("ddpm_step", device, backend)
     if name == "reference":
         return reference.ddpm_step(model_output, t, sample, schedule, noise, prediction_type, variance_type,
                                    clip_sample, clip_sample_range, t_prev=t_prev)

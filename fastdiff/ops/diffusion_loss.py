@@ -41,8 +41,8 @@ def diffusion_loss(model_output, x0, noise, t, schedule, prediction_type="epsilo
     batch = model_output.shape[0]
     if batch == 0 and reduction == "mean":
         raise ValueError("diffusion_loss: empty batch (model_output.shape[0] == 0) has no mean loss")
-    t = timesteps(t, "t", batch, model_output.device, schedule.num_timesteps)
     name = select("diffusion_loss", model_output.device, backend)
+    t = timesteps(t, "t", batch, model_output.device, schedule.num_timesteps, kernel_checks_range=name == "cpu")
     if name == "reference":
         loss = reference.diffusion_loss(model_output, x0, noise, t, schedule, prediction_type, snr_gamma, "none")
     else:

@@ -17,8 +17,8 @@ def q_sample(x0, t, noise, schedule, *, backend=None):
     check_tensor(x0, "x0")
     check_tensor(noise, "noise", like=x0, like_name="x0")
     check_schedule(schedule)
-    t = timesteps(t, "t", x0.shape[0], x0.device, schedule.num_timesteps)
     name = select("q_sample", x0.device, backend)
+    t = timesteps(t, "t", x0.shape[0], x0.device, schedule.num_timesteps, kernel_checks_range=name == "cpu")
     if name == "reference":
         return reference.q_sample(x0, t, noise, schedule)
     x0, noise = same_layout(x0, noise)
