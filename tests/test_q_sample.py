@@ -84,6 +84,21 @@ def test_layouts_give_same_numbers(backend):
                  reference.q_sample(view, t, noise, s), 1e-6, 1e-6, "strided view")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_channel_mixed_memory_formats(backend):
+    """(B, 1, H, W) contiguous and channels_last differ only in a size-1 dim's stride."""
+    s = fastdiff.NoiseSchedule.linear()
+    x0, noise, t = _inputs((2, 1, 5, 6), torch.float32)
+    got = fastdiff.q_sample(x0.to(memory_format=torch.channels_last), t, noise, s, backend=backend)
+    assert torch.equal(got, fastdiff.q_sample(x0, t, noise, s, backend=backend))
+    m = torch.randn_like(x0).to(memory_format=torch.channels_last).requires_grad_(True)
+    loss = fastdiff.diffusion_loss(m, x0, noise, t, s, backend=backend)
+    (g,) = torch.autograd.grad(loss, m)
+    want = fastdiff.diffusion_loss(m, x0, noise, t, s, backend="reference")
+    assert_close(loss, want, 1e-6, 1e-6, "loss")
+    assert_close(g, torch.autograd.grad(want, m)[0], 1e-6, 1e-6, "grad")
+
+
 def test_gradcheck_cpu():
     s = fastdiff.NoiseSchedule.linear(50)
     x0, noise, t = _inputs((2, 3, 4, 5))

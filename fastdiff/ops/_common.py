@@ -99,12 +99,18 @@ def _flat(x: torch.Tensor) -> bool:
     return _dense(x) and (b <= 1 or x.stride(0) == x.numel() // b)
 
 
+def memory_order(x: torch.Tensor) -> tuple:
+    """The strides that matter: those of dims of size != 1 (a size-1 dim's stride is arbitrary,
+    e.g. (B, 1, H, W) contiguous and channels_last lay out the same memory)."""
+    return tuple(st for size, st in zip(x.shape, x.stride()) if size != 1)
+
+
 def same_layout(*tensors):
     """The tensors as they are when they already share one dense batch-outer layout,
     else contiguous copies (None entries pass through)."""
     present = [x for x in tensors if x is not None]
-    ref = present[0]
-    if all(_flat(x) and x.stride() == ref.stride() for x in present):
+    order = memory_order(present[0])
+    if all(_flat(x) and memory_order(x) == order for x in present):
         return tensors
     return tuple(None if x is None else x.contiguous() for x in tensors)
 
@@ -115,7 +121,7 @@ def dense(x: torch.Tensor) -> torch.Tensor:
 
 def match_layout(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A gradient in ``like``'s strides (autograd may hand us expanded/strided ones)."""
-    if grad.stride() == like.stride() and _flat(grad):
+    if _flat(grad) and memory_order(grad) == memory_order(like):
         return grad
     return torch.empty_like(like).copy_(grad)
 

@@ -25,12 +25,22 @@ inline int64_t per_sample_numel(const at::Tensor& x, const char* name) {
   return n;
 }
 
+// Same element order in memory: strides equal on every dim of size != 1 (the
+// stride of a size-1 dim is arbitrary: (B, 1, H, W) contiguous and
+// channels_last are the same memory).
+inline bool same_memory_order(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) != 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
 inline void check_like(const at::Tensor& x, const char* name, const at::Tensor& ref,
                        const char* ref_name) {
   TORCH_CHECK(x.sizes() == ref.sizes(), "fastdiff: ", name, " shape ", x.sizes(),
               " does not match ", ref_name, " shape ", ref.sizes());
-  TORCH_CHECK(x.strides() == ref.strides(), "fastdiff: ", name, " strides ", x.strides(),
-              " differ from ", ref_name, " strides ", ref.strides());
+  TORCH_CHECK(same_memory_order(x, ref), "fastdiff: ", name, " strides ", x.strides(),
+              " lay out memory differently from ", ref_name, " strides ", ref.strides());
   TORCH_CHECK(x.scalar_type() == ref.scalar_type(), "fastdiff: ", name, " dtype ",
               x.scalar_type(), " differs from ", ref_name, " dtype ", ref.scalar_type());
   TORCH_CHECK(x.device() == ref.device(), "fastdiff: ", name, " is on ", x.device(), " but ",
