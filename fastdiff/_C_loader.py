@@ -19,13 +19,17 @@ loaded_main = False
 
 
 def _supported_caps():
+    """The capabilities this CPU runs, best first, among those that were built."""
     try:
         best = torch.backends.cpu.get_cpu_capability().lower()
     except Exception:  # pragma: no cover - very old torch
         best = "default"
-    if best not in _CAP_ORDER:
-        return ["default"]
-    return list(_CAP_ORDER[_CAP_ORDER.index(best):])
+    caps = list(_CAP_ORDER[_CAP_ORDER.index(best):]) if best in _CAP_ORDER else ["default"]
+    try:
+        from ._build_config import CPU_CAPS as built
+    except ImportError:  # built by other means: try them all
+        return caps
+    return [c for c in caps if c in built]
 
 
 def load():
