@@ -58,6 +58,17 @@ def _ddim_coeffs(table_ptr, t, t_prev, eta):
 
 
 @triton.jit
+def _sample_coeffs(table_ptr, t_ptr, t_prev_ptr, b, eta, PRED: tl.constexpr, ACC: tl.constexpr):
+    """Sample b's coefficients: derived in float64, cast once to ACC (DdimCoeffs::to<acc_t>)."""
+    t = tl.load(t_ptr + b)
+    t_prev = tl.load(t_prev_ptr + b)
+    x0_x, x0_m, eps_x, eps_m = _predictor_coeffs(table_ptr, t, PRED)
+    sqrt_ab, inv_s1, out_x0, out_eps, sigma = _ddim_coeffs(table_ptr, t, t_prev, eta)
+    return (x0_x.to(ACC), x0_m.to(ACC), eps_x.to(ACC), eps_m.to(ACC), sqrt_ab.to(ACC), inv_s1.to(ACC),
+            out_x0.to(ACC), out_eps.to(ACC), sigma.to(ACC))
+
+
+@triton.jit
 def _ddim_step_fwd_kernel(
     m_ptr,       # *T   (B, n) model output, flat per sample
     x_ptr,       # *T   (B, n) sample x_t, same layout
@@ -81,20 +92,8 @@ def _ddim_step_fwd_kernel(
     VJP (the backward kernel): through the same affine maps and the clip mask."""
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     b = tl.program_id(1)
-    t = tl.load(t_ptr + b)
-    t_prev = tl.load(t_prev_ptr + b)
-    x0_x, x0_m, eps_x, eps_m = _predictor_coeffs(table_ptr, t, PRED)
-    sqrt_ab, inv_s1, out_x0, out_eps, sigma = _ddim_coeffs(table_ptr, t, t_prev, eta)
-    # float64 coefficients -> A (DdimCoeffs::to<acc_t>)
-    x0_x = x0_x.to(ACC)
-    x0_m = x0_m.to(ACC)
-    eps_x = eps_x.to(ACC)
-    eps_m = eps_m.to(ACC)
-    sqrt_ab = sqrt_ab.to(ACC)
-    inv_s1 = inv_s1.to(ACC)
-    out_x0 = out_x0.to(ACC)
-    out_eps = out_eps.to(ACC)
-    sigma = sigma.to(ACC)
+    x0_x, x0_m, eps_x, eps_m, sqrt_ab, inv_s1, out_x0, out_eps, sigma = _sample_coeffs(
+        table_ptr, t_ptr, t_prev_ptr, b, eta, PRED, ACC)
     r = tl.full((), clip_range, ACC)
 
     start, offs, mask = _sample_block(n, BLOCK)
@@ -142,20 +141,8 @@ def _ddim_step_bwd_kernel(
       d x = g_x + x0.x g_x0 + eps.x g_eps,  d m = x0.m g_x0 + eps.m g_eps."""
     ACC: tl.constexpr = tl.float64 if grad_out_ptr.dtype.element_ty == tl.float64 else tl.float32
     b = tl.program_id(1)
-    t = tl.load(t_ptr + b)
-    t_prev = tl.load(t_prev_ptr + b)
-    x0_x, x0_m, eps_x, eps_m = _predictor_coeffs(table_ptr, t, PRED)
-    sqrt_ab, inv_s1, out_x0, out_eps, sigma = _ddim_coeffs(table_ptr, t, t_prev, eta)
-    # float64 coefficients -> A (DdimCoeffs::to<acc_t>)
-    x0_x = x0_x.to(ACC)
-    x0_m = x0_m.to(ACC)
-    eps_x = eps_x.to(ACC)
-    eps_m = eps_m.to(ACC)
-    sqrt_ab = sqrt_ab.to(ACC)
-    inv_s1 = inv_s1.to(ACC)
-    out_x0 = out_x0.to(ACC)
-    out_eps = out_eps.to(ACC)
-    sigma = sigma.to(ACC)
+    x0_x, x0_m, eps_x, eps_m, sqrt_ab, inv_s1, out_x0, out_eps, sigma = _sample_coeffs(
+        table_ptr, t_ptr, t_prev_ptr, b, eta, PRED, ACC)
     r = tl.full((), clip_range, ACC)
 
     start, offs, mask = _sample_block(n, BLOCK)

@@ -131,6 +131,19 @@ def _ddpm_coeffs(table_ptr, t, t_prev, VAR: tl.constexpr):
 
 
 @triton.jit
+def _sample_coeffs(table_ptr, t_ptr, t_prev_ptr, b, PRED: tl.constexpr, VAR: tl.constexpr,
+                   ACC: tl.constexpr):
+    """Sample b's timestep and coefficients: derived in float64, cast once to ACC
+    (DdpmCoeffs::to<acc_t>)."""
+    t = tl.load(t_ptr + b)
+    t_prev = tl.load(t_prev_ptr + b)
+    x0_x, x0_m, _, _ = _predictor_coeffs(table_ptr, t, PRED)
+    c_x0, c_x, std, log_var_min, log_var_max = _ddpm_coeffs(table_ptr, t, t_prev, VAR)
+    return (t, x0_x.to(ACC), x0_m.to(ACC), c_x0.to(ACC), c_x.to(ACC), std.to(ACC),
+            log_var_min.to(ACC), log_var_max.to(ACC))
+
+
+@triton.jit
 def _learned_std(v, log_var_min, log_var_max, VAR: tl.constexpr):
     """std from the predicted variance channel v (schedule_math.h ddpm_learned_std)."""
     if VAR == 4:
@@ -170,18 +183,8 @@ def _ddpm_step_fwd_kernel(
     ACC: tl.constexpr = tl.float64 if x_ptr.dtype.element_ty == tl.float64 else tl.float32
     LEARNED: tl.constexpr = VAR == 4 or VAR == 5
     b = tl.program_id(1)
-    t = tl.load(t_ptr + b)
-    t_prev = tl.load(t_prev_ptr + b)
-    x0_x, x0_m, _, _ = _predictor_coeffs(table_ptr, t, PRED)
-    c_x0, c_x, std, log_var_min, log_var_max = _ddpm_coeffs(table_ptr, t, t_prev, VAR)
-    # float64 coefficients -> A (DdpmCoeffs::to<acc_t>)
-    x0_x = x0_x.to(ACC)
-    x0_m = x0_m.to(ACC)
-    c_x0 = c_x0.to(ACC)
-    c_x = c_x.to(ACC)
-    std = std.to(ACC)
-    log_var_min = log_var_min.to(ACC)
-    log_var_max = log_var_max.to(ACC)
+    t, x0_x, x0_m, c_x0, c_x, std, log_var_min, log_var_max = _sample_coeffs(
+        table_ptr, t_ptr, t_prev_ptr, b, PRED, VAR, ACC)
     add_noise = t > 0
     r = tl.full((), clip_range, ACC)
 
@@ -231,18 +234,8 @@ def _ddpm_step_bwd_kernel(
     ACC: tl.constexpr = tl.float64 if grad_out_ptr.dtype.element_ty == tl.float64 else tl.float32
     LEARNED: tl.constexpr = VAR == 4 or VAR == 5
     b = tl.program_id(1)
-    t = tl.load(t_ptr + b)
-    t_prev = tl.load(t_prev_ptr + b)
-    x0_x, x0_m, _, _ = _predictor_coeffs(table_ptr, t, PRED)
-    c_x0, c_x, std, log_var_min, log_var_max = _ddpm_coeffs(table_ptr, t, t_prev, VAR)
-    # float64 coefficients -> A (DdpmCoeffs::to<acc_t>)
-    x0_x = x0_x.to(ACC)
-    x0_m = x0_m.to(ACC)
-    c_x0 = c_x0.to(ACC)
-    c_x = c_x.to(ACC)
-    std = std.to(ACC)
-    log_var_min = log_var_min.to(ACC)
-    log_var_max = log_var_max.to(ACC)
+    t, x0_x, x0_m, c_x0, c_x, std, log_var_min, log_var_max = _sample_coeffs(
+        table_ptr, t_ptr, t_prev_ptr, b, PRED, VAR, ACC)
     add_noise = t > 0
     r = tl.full((), clip_range, ACC)
 
