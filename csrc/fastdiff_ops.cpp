@@ -35,6 +35,13 @@ TORCH_LIBRARY(fastdiff, m) {
       "_ddim_step_bwd(Tensor grad_out, Tensor model_output, Tensor sample, Tensor t, "
       "Tensor t_prev, Tensor table, int prediction_type, float eta, bool clip_sample, "
       "float clip_sample_range, bool use_clipped_model_output) -> (Tensor, Tensor)");
+  // The Gaussian family (gaussian_math.h). noise may be None: then z is not
+  // computed and the first output is empty, shape (0,).
+  m.def(
+      "sample_and_kl(Tensor mean, Tensor logvar, Tensor? noise) -> (Tensor z, Tensor kl)");
+  m.def(
+      "_sample_and_kl_bwd(Tensor? grad_z, Tensor grad_kl, Tensor mean, Tensor logvar, "
+      "Tensor? noise) -> (Tensor, Tensor)");
 }
 
 // Importable as a Python module so `import fastdiff._C` loads the library.

@@ -12,6 +12,7 @@ from .ops.ddim_step import ddim_step
 from .ops.ddpm_step import ddpm_step
 from .ops.diffusion_loss import diffusion_loss
 from .ops.q_sample import q_sample
+from .ops.sample_and_kl import gaussian_kl, reparameterize, sample_and_kl
 from .schedule import NoiseSchedule
 
 __version__ = "0.1.0"
@@ -23,7 +24,10 @@ __all__ = [
     "ddim_step",
     "ddpm_step",
     "diffusion_loss",
+    "gaussian_kl",
     "info",
     "q_sample",
+    "reparameterize",
+    "sample_and_kl",
     "use_backend",
 ]

@@ -8,7 +8,7 @@ import torch
 from . import _C_loader
 from ._backend import BACKENDS, reasons_not_usable
 
-OPS = ("q_sample", "diffusion_loss", "ddpm_step", "ddim_step")
+OPS = ("q_sample", "diffusion_loss", "ddpm_step", "ddim_step", "sample_and_kl")
 
 
 def _build_config():
@@ -45,7 +45,8 @@ def info(as_dict: bool = False):
             "cpu capabilities built": list(cfg.CPU_CAPS) if cfg else "unknown (no _build_config)",
             "cuda kernels": (f"built for archs {cfg.CUDA_ARCHS}" if cfg and cfg.CUDA_BUILT
                              else f"not built ({cfg.CUDA_REASON if cfg else 'unknown'})"),
-            "cuda kernels registered": _C_loader.has_kernel("q_sample", "CUDA"),
+            "kernels registered (op: dispatch keys)": {
+                op: [k for k in ("CPU", "CUDA") if _C_loader.has_kernel(op, k)] for op in OPS},
             "load errors": dict(_C_loader.errors),
         },
         "backends": {

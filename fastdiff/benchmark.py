@@ -40,7 +40,7 @@ import torch
 
 from ._backend import reasons_not_usable
 
-OPS = ("q_sample", "diffusion_loss", "ddpm_step", "ddim_step")
+OPS = ("q_sample", "diffusion_loss", "ddpm_step", "ddim_step", "sample_and_kl")
 MODES = ("fwd", "bwd", "full")
 SIZES = {"small": (16, 4, 32, 32), "sd": (64, 4, 64, 64), "pixel": (256, 3, 64, 64)}
 PROVIDERS = ("reference", "compile", "cpu", "cuda", "triton")
@@ -158,9 +158,11 @@ def make_runner(case: OpCase, provider: str, mode: str, inputs: dict) -> Callabl
     out = fn(inp)
     if case.scalar_output:
         grad_out = torch.ones_like(out)
-    else:
+    else:  # one random upstream gradient per output (ops like sample_and_kl return several)
         gen = torch.Generator(device="cpu").manual_seed(1234)
-        grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+        outs = out if isinstance(out, tuple) else (out,)
+        grad_out = tuple(torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device) for o in outs)
+        grad_out = grad_out if isinstance(out, tuple) else grad_out[0]
     if mode == "bwd":
         def run_bwd():
             return torch.autograd.grad(out, leaves, grad_out, retain_graph=True)

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-OPS = ("q_sample", "diffusion_loss", "ddpm_step", "ddim_step")
+OPS = ("q_sample", "diffusion_loss", "ddpm_step", "ddim_step", "sample_and_kl")
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 # Per-block limits: opt-in shared memory (bytes) and registers per thread.
 MAX_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}

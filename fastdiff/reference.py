@@ -133,3 +133,31 @@ def ddim_step(model_output, t, t_prev, sample, schedule: NoiseSchedule, eta=0.0,
     if eta > 0 and noise is not None:
         out = out + sigma * noise
     return out
+
+
+# -- the Gaussian family -------------------------------------------------------------
+KL_REDUCTIONS = ("sum_per_sample", "sum", "mean", "none")
+
+
+def reparameterize(mean, logvar, noise):
+    """z = mean + exp(logvar / 2) * noise (Kingma & Welling 2014)."""
+    return mean + torch.exp(0.5 * logvar) * noise
+
+
+def gaussian_kl(mean, logvar, reduction="sum_per_sample"):
+    """KL(N(mean, exp(logvar)) || N(0, I)) = (mean^2 + exp(logvar) - 1 - logvar) / 2 per element;
+    "sum_per_sample" sums over all but dim 0 (diffusers' DiagonalGaussianDistribution.kl())."""
+    kl = 0.5 * (mean.pow(2) + torch.exp(logvar) - 1.0 - logvar)
+    if reduction == "none":
+        return kl
+    if reduction == "sum_per_sample":
+        return kl.sum(dim=list(range(1, kl.dim())))
+    if reduction == "sum":
+        return kl.sum()
+    if reduction == "mean":
+        return kl.mean()
+    raise ValueError(f"reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
+
+
+def sample_and_kl(mean, logvar, noise, reduction="sum_per_sample"):
+    return reparameterize(mean, logvar, noise), gaussian_kl(mean, logvar, reduction)

@@ -33,6 +33,10 @@ def _op_cases():
         "_ddpm_step_bwd": (x, ml, x, noise, t, t - 1, tab, 0, 5, True, 1.0),
         "ddim_step": (m, x, noise, t, t - 20, tab, 2, 0.5, True, 1.0, True),
         "_ddim_step_bwd": (x, m, x, t, t - 20, tab, 2, 0.5, True, 1.0, True),
+        "sample_and_kl": (m, x, noise),
+        "sample_and_kl_nonoise": (m, x, None),
+        "_sample_and_kl_bwd": (x, loss_grad, m, x, noise),
+        "_sample_and_kl_bwd_nonoise": (None, loss_grad, m, x, None),
     }
 
 
@@ -46,7 +50,7 @@ def test_opcheck(namespace, name):
     args = tuple(a.clone().requires_grad_(a.is_floating_point() and not name.startswith("_") and a.dim() > 1
                                           and a is not args[2 if name.startswith("ddpm") else -1])
                  if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() > 1 else a for a in args)
-    op = getattr(getattr(torch.ops, namespace), name.replace("_nograd", "")).default
+    op = getattr(getattr(torch.ops, namespace), name.replace("_nograd", "").replace("_nonoise", "")).default
     torch.library.opcheck(op, args)
 
 

@@ -22,6 +22,7 @@ namespace fastdiff {
 template <typename T>
 struct ElementOps<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
+  using scalar = T;
   static V exp(V v) { return v.exp(); }
   // maximum/minimum propagate NaN, as torch.clamp does.
   static V clamp(V v, V lo, V hi) { return at::vec::minimum(at::vec::maximum(v, lo), hi); }

@@ -20,7 +20,7 @@ inline int64_t per_sample_numel(const at::Tensor& x, const char* name) {
               " must be dense (call .contiguous()), got strides ", x.strides());
   const int64_t batch = x.size(0);
   const int64_t n = batch == 0 ? 0 : x.numel() / batch;
-  TORCH_CHECK(batch <= 1 || x.stride(0) == n, "fastdiff: ", name,
+  TORCH_CHECK(batch <= 1 || n == 0 || x.stride(0) == n, "fastdiff: ", name,
               " must have its batch dimension outermost in memory, got strides ", x.strides());
   return n;
 }
@@ -127,13 +127,15 @@ inline int64_t check_loss_args(const at::Tensor& model_output, const at::Tensor&
   return n;
 }
 
-// grad_loss: contiguous (B,) in the accumulation type, as the forward returns it.
-inline void check_grad_loss(const at::Tensor& grad_loss, const at::Tensor& model_output) {
+// A per-sample upstream gradient (grad_loss, grad_kl): contiguous (B,) in the
+// accumulation type, as the forward returns it.
+inline void check_grad_loss(const at::Tensor& grad_loss, const at::Tensor& model_output,
+                            const char* name = "grad_loss") {
   const auto acc = at::toOpMathType(model_output.scalar_type());
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == model_output.size(0) &&
                   grad_loss.scalar_type() == acc && grad_loss.is_contiguous() &&
                   grad_loss.device() == model_output.device(),
-              "fastdiff: grad_loss must be a contiguous ", acc, " tensor of shape (",
+              "fastdiff: ", name, " must be a contiguous ", acc, " tensor of shape (",
               model_output.size(0), ") on ", model_output.device(), ", got ",
               grad_loss.scalar_type(), " ", grad_loss.sizes(), " on ", grad_loss.device());
 }
@@ -168,6 +170,26 @@ inline int64_t check_ddim_args(const at::Tensor& model_output, const at::Tensor&
   check_schedule(sample, t, "t", table);
   check_schedule(sample, t_prev, "t_prev", table);
   return n;
+}
+
+// mean, logvar, noise: one layout, floating point; returns elements per sample.
+inline int64_t check_gaussian_args(const at::Tensor& mean, const at::Tensor& logvar,
+                                   const c10::optional<at::Tensor>& noise) {
+  check_floating(mean, "mean");
+  const int64_t n = per_sample_numel(mean, "mean");
+  check_like(logvar, "logvar", mean, "mean");
+  if (noise.has_value()) check_like(*noise, "noise", mean, "mean");
+  return n;
+}
+
+inline void check_gaussian_grads(const c10::optional<at::Tensor>& grad_z,
+                                 const at::Tensor& grad_kl, const at::Tensor& mean,
+                                 const c10::optional<at::Tensor>& noise) {
+  if (grad_z.has_value()) {
+    TORCH_CHECK(noise.has_value(), "fastdiff: grad_z given without the noise that made z");
+    check_like(*grad_z, "grad_z", mean, "mean");
+  }
+  check_grad_loss(grad_kl, mean, "grad_kl");
 }
 
 }  // namespace fastdiff

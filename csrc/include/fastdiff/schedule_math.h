@@ -27,6 +27,7 @@ namespace fastdiff {
 // csrc/cpu/vec_ops.h). Coefficients are always scalars of type S.
 template <typename V>
 struct ElementOps {
+  using scalar = V;  // the element type (a Vectorized's lanes)
 #if defined(__CUDACC__) || defined(__HIPCC__)
   static FASTDIFF_HD V exp(V v) { return ::exp(v); }
   static FASTDIFF_HD V log(V v) { return ::log(v); }
