@@ -8,6 +8,7 @@ Import never fails: ``fastdiff.info()`` says what was built and what can run.
 from . import _C_loader  # noqa: F401  (loads the extension, recording failures)
 from ._backend import BACKENDS, BackendError, use_backend
 from ._info import info
+from .distributions import DiagonalGaussian
 from .ops.ddim_step import ddim_step
 from .ops.ddpm_step import ddpm_step
 from .ops.diffusion_loss import diffusion_loss
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendError",
+    "DiagonalGaussian",
     "NoiseSchedule",
     "ddim_step",
     "ddpm_step",

@@ -148,3 +148,35 @@ def test_gpu_backends(backend, dtype):
     (g,), (ge,) = torch.autograd.grad(z.sum() + kl.sum(), md), torch.autograd.grad(ze.sum() + kle.sum(), md)
     assert_within_eager_error(g, ge, g64, "grad", floor=1e-3)
     assert torch.equal(kl, fastdiff.sample_and_kl(md, *args, backend=backend)[1]), "deterministic"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_diagonal_gaussian_is_a_drop_in(backend):
+    g = torch.Generator().manual_seed(3)
+    params = torch.randn(2, 8, 6, 5, generator=g) * 4  # some logvar outside [-30, 20]
+    params[:, 4:] *= 10
+    theirs = DiagonalGaussianDistribution(params)
+    ours = fastdiff.DiagonalGaussian(params, backend=backend)
+    assert torch.equal(ours.mean, theirs.mean) and torch.equal(ours.logvar, theirs.logvar)
+    assert torch.equal(ours.mode(), theirs.mode())
+    assert_close(ours.std, theirs.std, 0, 0, "std")
+    assert_close(ours.sample(torch.Generator().manual_seed(1)), theirs.sample(torch.Generator().manual_seed(1)),
+                 1e-5, 1e-5, "sample")
+    assert_close(ours.kl(), theirs.kl(), 1e-3, 1e-5, "kl")
+    other = torch.randn(2, 8, 6, 5, generator=g)
+    assert_close(ours.kl(fastdiff.DiagonalGaussian(other)), theirs.kl(DiagonalGaussianDistribution(other)),
+                 1e-3, 1e-5, "kl(other)")
+    x = torch.randn(2, 4, 6, 5, generator=g)
+    assert_close(ours.nll(x), theirs.nll(x), 1e-3, 1e-5, "nll")
+    z, kl = ours.sample_and_kl(torch.Generator().manual_seed(1))
+    assert_close(z, theirs.sample(torch.Generator().manual_seed(1)), 1e-5, 1e-5, "sample_and_kl z")
+    assert_close(kl, theirs.kl(), 1e-3, 1e-5, "sample_and_kl kl")
+    det = fastdiff.DiagonalGaussian(params, deterministic=True)
+    assert torch.equal(det.sample(), theirs.mean) and det.kl().item() == 0.0
+
+
+def test_diagonal_gaussian_bad_input():
+    with pytest.raises(ValueError, match="even number of channels"):
+        fastdiff.DiagonalGaussian(torch.randn(2, 7, 4, 4))
+    with pytest.raises(TypeError, match="parameters must be float"):
+        fastdiff.DiagonalGaussian(torch.zeros(2, 8, 4, 4, dtype=torch.long))
