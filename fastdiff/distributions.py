@@ -70,4 +70,6 @@ class DiagonalGaussian:
 
     def sample_and_kl(self, generator=None):
         """(z, per-sample KL) from one fused pass over mean, logvar and the noise."""
+        if self.deterministic:
+            return self.sample(generator), self.kl()
         return sample_and_kl(self.mean, self.logvar, self._noise(generator), backend=self.backend)

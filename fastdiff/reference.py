@@ -150,8 +150,8 @@ def gaussian_kl(mean, logvar, reduction="sum_per_sample"):
     kl = 0.5 * (mean.pow(2) + torch.exp(logvar) - 1.0 - logvar)
     if reduction == "none":
         return kl
-    if reduction == "sum_per_sample":
-        return kl.sum(dim=list(range(1, kl.dim())))
+    if reduction == "sum_per_sample":  # a (B,) input is its own per-sample sum
+        return kl if kl.dim() == 1 else kl.sum(dim=list(range(1, kl.dim())))
     if reduction == "sum":
         return kl.sum()
     if reduction == "mean":

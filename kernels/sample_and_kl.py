@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._common import batch_flat, memory_order
 from .q_sample import (
     CONFIG_DTYPES,
     NUM_WARPS,
@@ -141,8 +142,9 @@ def _sample_and_kl_bwd_kernel(
 # Launchers (signatures of torch.ops.fastdiff.sample_and_kl / _sample_and_kl_bwd).
 # ---------------------------------------------------------------------------
 def _check_like(x, name, mean):
+    # Same element order in memory (strides of size-1 dims do not matter), dense, batch outer.
     if (x.dtype != mean.dtype or x.shape != mean.shape or x.device != mean.device
-            or x.stride() != mean.stride()):
+            or not batch_flat(x) or memory_order(x) != memory_order(mean)):
         raise ValueError(f"fastdiff triton: {name} must match mean (dtype, shape, device, "
                          f"strides), got {x.dtype} {tuple(x.shape)} {x.stride()} on "
                          f"{x.device} for {mean.dtype} {tuple(mean.shape)} "

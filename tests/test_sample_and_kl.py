@@ -108,6 +108,18 @@ def test_layouts_and_determinism(backend):
     assert torch.equal(z3, z) and torch.equal(kl3, kl)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_channel_mixed_memory_formats(backend):
+    mean, logvar, noise = _inputs((2, 1, 5, 6), torch.float32)
+    mean.requires_grad_(True)
+    z, kl = fastdiff.sample_and_kl(mean.to(memory_format=torch.channels_last), logvar, noise, backend=backend)
+    zr, klr = reference.sample_and_kl(mean, logvar, noise)
+    assert_close(z, zr, 1e-6, 1e-6, "z")
+    g = torch.randn_like(zr).to(memory_format=torch.channels_last)
+    (ga,), (gb,) = torch.autograd.grad(z, mean, g), torch.autograd.grad(zr, mean, g)
+    assert_close(ga, gb, 1e-6, 1e-6, "grad")
+
+
 def test_noise_gradient_and_gradcheck_cpu():
     mean, logvar, noise = _inputs((2, 3, 4, 5))
     for v in (mean, logvar, noise):
@@ -173,6 +185,8 @@ def test_diagonal_gaussian_is_a_drop_in(backend):
     assert_close(kl, theirs.kl(), 1e-3, 1e-5, "sample_and_kl kl")
     det = fastdiff.DiagonalGaussian(params, deterministic=True)
     assert torch.equal(det.sample(), theirs.mean) and det.kl().item() == 0.0
+    z_det, kl_det = det.sample_and_kl()
+    assert torch.equal(z_det, theirs.mean) and kl_det.item() == 0.0
 
 
 def test_diagonal_gaussian_bad_input():

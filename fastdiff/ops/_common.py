@@ -92,7 +92,8 @@ def _dense(x: torch.Tensor) -> bool:
     return True
 
 
-def _flat(x: torch.Tensor) -> bool:
+def batch_flat(x: torch.Tensor) -> bool:
+    """Dense with the batch outermost: B blocks of numel / B elements (the kernels' contract)."""
     if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
         return True  # the common layouts, decided in C++
     b = x.shape[0]
@@ -110,18 +111,18 @@ def same_layout(*tensors):
     else contiguous copies (None entries pass through)."""
     present = [x for x in tensors if x is not None]
     order = memory_order(present[0])
-    if all(_flat(x) and memory_order(x) == order for x in present):
+    if all(batch_flat(x) and memory_order(x) == order for x in present):
         return tensors
     return tuple(None if x is None else x.contiguous() for x in tensors)
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:
-    return x if _flat(x) else x.contiguous()
+    return x if batch_flat(x) else x.contiguous()
 
 
 def match_layout(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A gradient in ``like``'s strides (autograd may hand us expanded/strided ones)."""
-    if _flat(grad) and memory_order(grad) == memory_order(like):
+    if batch_flat(grad) and memory_order(grad) == memory_order(like):
         return grad
     return torch.empty_like(like).copy_(grad)
 

@@ -95,7 +95,8 @@ def _make_backward(bwd_op):
         grad_mean, grad_logvar = bwd_op(grad_z, grad_kl.contiguous(), mean, logvar, noise)
         grad_noise = None
         if ctx.needs_input_grad[2] and grad_z is not None:
-            grad_noise = grad_z * torch.exp(0.5 * logvar)  # d z / d noise = std
+            acc = opmath_dtype(mean.dtype)  # d z / d noise = std, in fp32 as the kernels
+            grad_noise = (grad_z.to(acc) * torch.exp(0.5 * logvar.to(acc))).to(noise.dtype)
         return (grad_mean if ctx.needs_input_grad[0] else None,
                 grad_logvar if ctx.needs_input_grad[1] else None, grad_noise)
 
