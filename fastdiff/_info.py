@@ -7,8 +7,8 @@ import torch
 
 from . import _C_loader
 from ._backend import BACKENDS, reasons_not_usable
+from .ops import OPS
 
-OPS = ("q_sample", "diffusion_loss", "ddpm_step", "ddim_step", "sample_and_kl")
 
 
 def _build_config():

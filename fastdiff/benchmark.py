@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 from ._backend import reasons_not_usable
+from .ops import OPS
 
-OPS = ("q_sample", "diffusion_loss", "ddpm_step", "ddim_step", "sample_and_kl")
 MODES = ("fwd", "bwd", "full")
 SIZES = {"small": (16, 4, 32, 32), "sd": (64, 4, 64, 64), "pixel": (256, 3, 64, 64)}
 PROVIDERS = ("reference", "compile", "cpu", "cuda", "triton")

@@ -17,7 +17,6 @@ Nothing here needs a GPU or initializes CUDA.
 import argparse
 import glob
 import importlib
-import importlib.util
 import os
 import re
 import subprocess
@@ -25,14 +24,14 @@ import sys
 import tempfile
 import time
 
-OPS = ("q_sample", "diffusion_loss", "ddpm_step", "ddim_step", "sample_and_kl")
+from fastdiff.ops import OPS
+
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 # Per-block limits: opt-in shared memory (bytes) and registers per thread.
 MAX_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 MAX_REGISTERS = 255
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_REPO = os.path.dirname(_HERE)
 
 
 def _interpreting():
@@ -42,27 +41,8 @@ def _interpreting():
 
 
 def load_kernel_modules():
-    """{op: module} of fastdiff.kernels; from the repository's kernels/ folder
-    when the package is not installed (an in-tree checkout)."""
-    mods = {}
-    for op in OPS:
-        name = f"fastdiff.kernels.{op}"
-        try:
-            mods[op] = importlib.import_module(name)
-            continue
-        except ImportError:
-            pass
-        pkg = sys.modules.get("fastdiff.kernels")
-        if pkg is None:
-            folder = os.path.join(_REPO, "kernels")
-            spec = importlib.util.spec_from_file_location(
-                "fastdiff.kernels", os.path.join(folder, "__init__.py"),
-                submodule_search_locations=[folder])
-            pkg = importlib.util.module_from_spec(spec)
-            sys.modules["fastdiff.kernels"] = pkg
-            spec.loader.exec_module(pkg)
-        mods[op] = importlib.import_module(name)
-    return mods
+    """{op: module} of fastdiff.kernels."""
+    return {op: importlib.import_module(f"fastdiff.kernels.{op}") for op in OPS}
 
 
 def _arch_cc(arch):
@@ -242,7 +222,7 @@ def run(archs=DEFAULT_ARCHS, jobs=None, out=None):
         # Under TRITON_INTERPRET=1 @triton.jit builds interpreter objects that
         # cannot be compiled: report from a child process that compiles.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        cmd = [sys.executable, os.path.abspath(__file__), "--arch", *archs]
+        cmd = [sys.executable, "-m", "fastdiff.kernel_report", "--arch", *archs]
         if jobs:
             cmd += ["--jobs", str(jobs)]
         p = subprocess.run(cmd, env=env, capture_output=True, text=True)

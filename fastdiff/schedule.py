@@ -11,8 +11,6 @@ import math
 
 import torch
 
-TABLE_COLUMNS = ("alpha_bar", "one_minus_alpha_bar", "sqrt_alpha_bar", "sqrt_one_minus_alpha_bar")
-
 
 class NoiseSchedule:
     """A diffusion noise schedule of ``num_timesteps`` steps.

@@ -12,78 +12,22 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-import glob  # noqa: E402
 import importlib  # noqa: E402
-import importlib.util  # noqa: E402
 import io  # noqa: E402
 import itertools  # noqa: E402
-import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import fastdiff  # noqa: E402,F401  (loads torch.ops.fastdiff and its CPU kernels)
+from fastdiff import kernel_report  # noqa: E402
+
+# The schedule ops; sample_and_kl has its own file (test_triton_sample_and_kl.py).
 OPS = ("q_sample", "diffusion_loss", "ddpm_step", "ddim_step")
 
 pytestmark = pytest.mark.triton
 
-
-# ---------------------------------------------------------------------------
-# Loading: the Triton kernels, the C++ CPU kernels, the report.
-# ---------------------------------------------------------------------------
-def _kernel_module(op):
-    """fastdiff.kernels.<op>; from the repository's kernels/ when not installed."""
-    try:
-        return importlib.import_module(f"fastdiff.kernels.{op}")
-    except ImportError:
-        pass
-    if "fastdiff.kernels" not in sys.modules:
-        folder = os.path.join(REPO, "kernels")
-        spec = importlib.util.spec_from_file_location(
-            "fastdiff.kernels", os.path.join(folder, "__init__.py"),
-            submodule_search_locations=[folder])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules["fastdiff.kernels"] = pkg
-        spec.loader.exec_module(pkg)
-    return importlib.import_module(f"fastdiff.kernels.{op}")
-
-
-def _has_cpu_kernel(op="q_sample"):
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiff::{op}", "CPU")
-    except RuntimeError:
-        return False
-
-
-def _load_cpp_ops():
-    """Registers torch.ops.fastdiff with its CPU kernels: through fastdiff's own
-    loader when the package imports, else from the built .so files directly."""
-    try:
-        importlib.import_module("fastdiff._C_loader")
-    except Exception:  # noqa: BLE001 - a half-edited package: load by path below
-        pass
-    if _has_cpu_kernel():
-        return
-    pkg = os.path.join(REPO, "fastdiff")
-    main = glob.glob(os.path.join(pkg, "_C.*.so"))
-    if not main:
-        pytest.skip("fastdiff._C is not built", allow_module_level=True)
-    if not hasattr(torch.ops.fastdiff, "q_sample"):  # schemas: fastdiff._C
-        torch.ops.load_library(main[0])
-    cap = torch.backends.cpu.get_cpu_capability().lower()
-    order = {"avx512": ["avx512", "avx2", "default"], "avx2": ["avx2", "default"]}.get(
-        cap, ["default"])
-    for c in order:
-        lib = glob.glob(os.path.join(pkg, f"_C_cpu_{c}.*.so"))
-        if lib:
-            torch.ops.load_library(lib[0])
-            break
-    if not _has_cpu_kernel():
-        pytest.skip("the fastdiff CPU kernels are not built", allow_module_level=True)
-
-
-_load_cpp_ops()
-K = {op: _kernel_module(op) for op in OPS}
+K = {op: importlib.import_module(f"fastdiff.kernels.{op}") for op in OPS}
 CPP = torch.ops.fastdiff
 
 try:
@@ -649,17 +593,6 @@ def test_small_blocks_and_batch_slices(monkeypatch):
 # The compile report: every Triton config compiles for sm_80 and sm_90 without
 # a GPU, with no spills (about a minute on 2 cores from a cold Triton cache).
 # ---------------------------------------------------------------------------
-def _kernel_report():
-    try:
-        return importlib.import_module("fastdiff.kernel_report")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "fastdiff_kernel_report", os.path.join(REPO, "fastdiff", "kernel_report.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-
 def test_kernel_configs_are_well_formed():
     for op in OPS:
         configs = K[op].KERNEL_CONFIGS
@@ -672,14 +605,14 @@ def test_kernel_configs_are_well_formed():
 
 def test_kernel_report_compiles_everything_without_spills():
     out = io.StringIO()
-    rc = _kernel_report().run(("sm_80", "sm_90"), out=out)
+    rc = kernel_report.run(("sm_80", "sm_90"), out=out)
     text = out.getvalue()
     assert rc == 0, text[-6000:]
     assert "0 failed" in text and "spilling 0" in text, text[-3000:]
 
 
 def test_parse_resource_usage():
-    kr = _kernel_report()
+    kr = kernel_report
     text = """
 Fatbin elf code:
 ================

@@ -5,9 +5,6 @@ import torch
 
 from fastdiff._backend import reasons_not_usable
 
-# (dtype, atol, rtol) for comparisons against a float64 reference.
-FP32_TOL = (torch.float32, 1e-5, 1e-5)
-FP64_TOL = (torch.float64, 1e-12, 1e-10)
 REDUCED_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -45,6 +42,3 @@ def fused_backends_here(op: str = "q_sample", device="cpu") -> list[str]:
     dev = torch.device(device)
     return [b for b in ("cpu", "cuda", "triton") if not reasons_not_usable(b, op, dev)]
 
-
-def grads(outputs, inputs, grad_outputs):
-    return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)

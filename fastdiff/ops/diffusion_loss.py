@@ -108,16 +108,17 @@ def _make_backward(bwd_op):
         else:
             grad_m = bwd_op(grad_loss.contiguous(), model_output, x0, noise, t, table, ctx.prediction_type,
                             ctx.snr_gamma)
+        # target = c_noise * noise + c_x0 * x0 and dL/dtarget = -dL/dm:
+        # epsilon (c_noise, c_x0) = (1, 0); sample (0, 1); v (sqrt(ab), -sqrt(1 - ab)).
         grad_x0 = grad_noise = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # target = c_noise * noise + c_x0 * x0, and dL/dtarget = -dL/dm.
-            shape = (-1,) + (1,) * (model_output.dim() - 1)
-            c_noise = (torch.ones_like(table[t, 0]), torch.zeros_like(table[t, 0]), table[t, 2])[ctx.prediction_type]
-            c_x0 = (torch.zeros_like(table[t, 0]), torch.ones_like(table[t, 0]), -table[t, 3])[ctx.prediction_type]
-            if ctx.needs_input_grad[1]:
-                grad_x0 = (-grad_m * c_x0.view(shape)).to(x0.dtype)
-            if ctx.needs_input_grad[2]:
-                grad_noise = (-grad_m * c_noise.view(shape)).to(noise.dtype)
+        shape = (-1,) + (1,) * (model_output.dim() - 1)
+        pred = ctx.prediction_type
+        if ctx.needs_input_grad[1]:
+            grad_x0 = (torch.zeros_like(x0) if pred == 0 else -grad_m if pred == 1
+                       else grad_m * table[t, 3].view(shape).to(grad_m.dtype))
+        if ctx.needs_input_grad[2]:
+            grad_noise = (-grad_m if pred == 0 else torch.zeros_like(noise) if pred == 1
+                          else -grad_m * table[t, 2].view(shape).to(grad_m.dtype))
         return (grad_m if ctx.needs_input_grad[0] else None), grad_x0, grad_noise, None, None, None, None, None
 
     return backward

@@ -76,11 +76,6 @@ enum VarianceType : int {
 // diffusers clamps the posterior variance at 1e-20 before taking its log.
 constexpr double kMinPosteriorVariance = 1e-20;
 
-template <typename T>
-FASTDIFF_HD T clamp_value(T v, T lo, T hi) {
-  return v < lo ? lo : (v > hi ? hi : v);
-}
-
 // alpha_bar and 1 - alpha_bar of the previous timestep; t_prev < 0 is the
 // "alpha_bar = 1" convention (diffusers' set_alpha_to_one / DDPM's t = 0).
 template <typename T>
