@@ -42,6 +42,15 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def(
       "_sample_and_kl_bwd(Tensor? grad_z, Tensor grad_kl, Tensor mean, Tensor logvar, "
       "Tensor? noise) -> (Tensor, Tensor)");
+  // The diffusion VLB term per sample (vlb_math.h), in bits per dim; posterior is
+  // NoiseSchedule.posterior_table(). With grad_scale != 0 the same pass also writes
+  // grad_scale * d loss_b / d (model_mean, model_log_variance); else both are empty (0,).
+  m.def(
+      "vb_loss(Tensor model_mean, Tensor model_log_variance, Tensor x0, Tensor x_t, Tensor t, "
+      "Tensor posterior, float grad_scale) -> (Tensor loss, Tensor grad_mean, Tensor grad_log_variance)");
+  m.def(
+      "_vb_loss_bwd(Tensor grad_loss, Tensor model_mean, Tensor model_log_variance, Tensor x0, "
+      "Tensor x_t, Tensor t, Tensor posterior) -> (Tensor, Tensor)");
 }
 
 // Importable as a Python module so `import fastdiff._C` loads the library.

@@ -14,6 +14,7 @@ from .ops.ddpm_step import ddpm_step
 from .ops.diffusion_loss import diffusion_loss
 from .ops.q_sample import q_sample
 from .ops.sample_and_kl import gaussian_kl, reparameterize, sample_and_kl
+from .ops.vb_loss import discretized_gaussian_log_likelihood, learned_range, normal_kl, vb_loss
 from .schedule import NoiseSchedule
 
 __version__ = "0.1.0"
@@ -26,10 +27,14 @@ __all__ = [
     "ddim_step",
     "ddpm_step",
     "diffusion_loss",
+    "discretized_gaussian_log_likelihood",
     "gaussian_kl",
     "info",
+    "learned_range",
+    "normal_kl",
     "q_sample",
     "reparameterize",
     "sample_and_kl",
     "use_backend",
+    "vb_loss",
 ]

@@ -8,6 +8,8 @@ provides the backward.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .schedule import NoiseSchedule
@@ -161,3 +163,67 @@ def gaussian_kl(mean, logvar, reduction="sum_per_sample"):
 
 def sample_and_kl(mean, logvar, noise, reduction="sum_per_sample"):
     return reparameterize(mean, logvar, noise), gaussian_kl(mean, logvar, reduction)
+
+
+# -- the diffusion VLB terms (improved DDPM) --------------------------------------------
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, with broadcasting
+    (improved-diffusion's losses.normal_kl; numbers are taken as tensors like the tensor args)."""
+    like = next((x for x in (mean1, logvar1, mean2, logvar2) if isinstance(x, torch.Tensor)), None)
+    if like is None:
+        raise TypeError("normal_kl: at least one argument must be a torch.Tensor")
+    logvar1, logvar2 = (x if isinstance(x, torch.Tensor) else torch.tensor(x).to(like) for x in (logvar1, logvar2))
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+    """The tanh approximation of the standard normal CDF used by improved-diffusion."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log P(x's 8-bit bin) under N(means, exp(log_scales)^2) for x in [-1, 1]: bins of width
+    2/255, the edge bins open to -inf / inf, probabilities clamped at 1e-12 before logs."""
+    if x.shape != means.shape or x.shape != log_scales.shape:
+        raise ValueError(f"x, means and log_scales must have one shape, got {tuple(x.shape)}, "
+                         f"{tuple(means.shape)}, {tuple(log_scales.shape)}")
+    centered_x = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered_x + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered_x - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))
+
+
+def q_posterior_mean_log_variance(x0, x_t, t, schedule: NoiseSchedule):
+    """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0) (improved-diffusion's
+    q_posterior_mean_variance)."""
+    mean = _gather(schedule.posterior_mean_coef1, t, x_t) * x0 + _gather(schedule.posterior_mean_coef2, t, x_t) * x_t
+    return mean, _gather(schedule.posterior_log_variance_clipped, t, x_t)
+
+
+def _mean_flat(x):
+    return x.mean(dim=list(range(1, x.dim()))) if x.dim() > 1 else x
+
+
+def vb_loss(model_mean, model_log_variance, x0, x_t, t, schedule: NoiseSchedule):
+    """Per-sample VLB term in bits per dim (improved-diffusion's _vb_terms_bpd): KL from the true
+    posterior to N(model_mean, exp(model_log_variance)) for t > 0, the decoder NLL at t == 0."""
+    true_mean, true_log_variance = q_posterior_mean_log_variance(x0, x_t, t, schedule)
+    kl = _mean_flat(normal_kl(true_mean, true_log_variance, model_mean, model_log_variance)) / math.log(2.0)
+    nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_variance)
+    nll = _mean_flat(nll) / math.log(2.0)
+    return torch.where(t == 0, nll, kl)
+
+
+def learned_range(model_var_values, t, schedule: NoiseSchedule):
+    """Model log-variance from the network's variance channels v in [-1, 1]: an interpolation
+    between log(beta_t) and the clipped posterior log-variance (improved DDPM, eq. 15)."""
+    min_log = _gather(schedule.posterior_log_variance_clipped, t, model_var_values)
+    max_log = _gather(schedule.betas.log(), t, model_var_values)
+    frac = (model_var_values + 1) / 2
+    return frac * max_log + (1 - frac) * min_log

@@ -118,15 +118,31 @@ class NoiseSchedule:
     def table(self, device, dtype=torch.float64) -> torch.Tensor:
         """The kernels' (T, 4) table on ``device`` (cached). The kernels take it in float64 and
         derive each sample's coefficients in float64 before the element math."""
+        def build():
+            ac = self.alphas_cumprod.cpu()
+            return torch.stack([ac, 1.0 - ac, ac.sqrt(), (1.0 - ac).sqrt()], dim=1)
+
+        return self._cached("schedule", device, dtype, build)
+
+    def posterior_table(self, device, dtype=torch.float64) -> torch.Tensor:
+        """vb_loss's (T, 4) table of the true posterior q(x_{t-1} | x_t, x_0) on ``device``
+        (cached): [posterior_mean_coef1, posterior_mean_coef2, posterior_log_variance_clipped,
+        its exp] (csrc/include/fastdiff/vlb_math.h, PosteriorColumn)."""
+        def build():
+            lv = self.posterior_log_variance_clipped.cpu()
+            return torch.stack([self.posterior_mean_coef1.cpu(), self.posterior_mean_coef2.cpu(), lv, lv.exp()],
+                               dim=1)
+
+        return self._cached("posterior", device, dtype, build)
+
+    def _cached(self, name, device, dtype, build) -> torch.Tensor:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        key = (device, dtype)
+        key = (name, device, dtype)
         tab = self._tables.get(key)
         if tab is None:
-            ac = self.alphas_cumprod.cpu()
-            tab = torch.stack([ac, 1.0 - ac, ac.sqrt(), (1.0 - ac).sqrt()], dim=1)
-            tab = tab.to(dtype).contiguous().to(device)
+            tab = build().to(dtype).contiguous().to(device)
             self._tables[key] = tab
         return tab
 

@@ -24,6 +24,12 @@ struct ElementOps<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   using scalar = T;
   static V exp(V v) { return v.exp(); }
+  static V log(V v) { return v.log(); }
+  static V tanh(V v) { return v.tanh(); }
+  static V less(V a, V b) { return a < b; }
+  static V greater(V a, V b) { return a > b; }
+  static V select(V mask, V if_true, V if_false) { return V::blendv(if_false, if_true, mask); }
+  static V clamp_min(V v, V lo) { return at::vec::maximum(v, lo); }
   // maximum/minimum propagate NaN, as torch.clamp does.
   static V clamp(V v, V lo, V hi) { return at::vec::minimum(at::vec::maximum(v, lo), hi); }
   static V pass_inside(V g, V v, V lo, V hi) {

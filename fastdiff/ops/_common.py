@@ -9,6 +9,7 @@ are; anything else is copied to contiguous first).
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import _C_loader
 from ..schedule import NoiseSchedule
@@ -125,6 +126,24 @@ def match_layout(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if batch_flat(grad) and memory_order(grad) == memory_order(like):
         return grad
     return torch.empty_like(like).copy_(grad)
+
+
+def _is_exactly(grad_loss, value) -> bool:
+    """grad_loss == value everywhere, decided without a device sync and never while tracing
+    (then False: the rescale is always correct, only sometimes unnecessary)."""
+    if grad_loss.device.type != "cpu" or torch.compiler.is_compiling() or is_fake(grad_loss):
+        return False
+    return bool((grad_loss == value).all())
+
+
+def rescale_precomputed(grads, grad_loss, grad_scale):
+    """Gradients a loss's forward wrote as grad_scale * d loss_b / d input, scaled to the upstream
+    per-sample grad_loss. It is usually exactly grad_scale (loss.mean().backward()): then they
+    are handed out as they are. Out of place otherwise: the buffers are also the op's outputs."""
+    if _is_exactly(grad_loss, grad_scale):
+        return grads
+    factor = grad_loss / grad_scale
+    return tuple(g * factor.view((-1,) + (1,) * (g.dim() - 1)).to(g.dtype) for g in grads)
 
 
 # -- registration ------------------------------------------------------------------

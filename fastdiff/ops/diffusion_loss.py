@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 from .. import reference
 from .._backend import select
 from ._common import (check_choice, check_schedule, check_tensor, op_namespace, opmath_dtype, register,
-                      same_layout, timesteps)
+                      rescale_precomputed, same_layout, timesteps)
 
 PREDICTION_TYPES = reference.PREDICTION_TYPES
 REDUCTIONS = ("mean", "none")
@@ -79,18 +78,6 @@ def _setup_context(ctx, inputs, output):
     ctx.precomputed = output[1].detach() if grad_scale != 0 else None
 
 
-def _tracing(x) -> bool:
-    return torch.compiler.is_compiling() or is_fake(x)
-
-
-def _is_exactly(grad_loss, value) -> bool:
-    """grad_loss == value everywhere, decided without a device sync and never while tracing
-    (then False: the rescale is always correct, only sometimes unnecessary)."""
-    if grad_loss.device.type != "cpu" or _tracing(grad_loss):
-        return False
-    return bool((grad_loss == value).all())
-
-
 def _make_backward(bwd_op):
     def backward(ctx, grad_loss, _grad_of_grad_output):
         if grad_loss is None:  # grads not materialized: nothing flows from the loss
@@ -100,11 +87,7 @@ def _make_backward(bwd_op):
         # recomputes it with the backward kernel.
         grad_m, ctx.precomputed = ctx.precomputed, None
         if grad_m is not None:
-            # grad_m = grad_scale * d loss / d m; the upstream grad is usually exactly
-            # grad_scale (loss.mean().backward()): then there is nothing left to do.
-            if not _is_exactly(grad_loss, ctx.grad_scale):
-                # Out of place: the buffer is also the op's second output.
-                grad_m = grad_m * (grad_loss / ctx.grad_scale).view((-1,) + (1,) * (model_output.dim() - 1))
+            grad_m, = rescale_precomputed((grad_m,), grad_loss, ctx.grad_scale)
         else:
             grad_m = bwd_op(grad_loss.contiguous(), model_output, x0, noise, t, table, ctx.prediction_type,
                             ctx.snr_gamma)

@@ -192,4 +192,18 @@ inline void check_gaussian_grads(const c10::optional<at::Tensor>& grad_z,
   check_grad_loss(grad_kl, mean, "grad_kl");
 }
 
+// vb_loss: model_mean, model_log_variance, x0, x_t in one layout; t (B,) and the
+// posterior table (T, 4) float64. Returns elements per sample.
+inline int64_t check_vb_loss_args(const at::Tensor& model_mean, const at::Tensor& model_log_variance,
+                                  const at::Tensor& x0, const at::Tensor& x_t, const at::Tensor& t,
+                                  const at::Tensor& posterior) {
+  check_floating(model_mean, "model_mean");
+  const int64_t n = per_sample_numel(model_mean, "model_mean");
+  check_like(model_log_variance, "model_log_variance", model_mean, "model_mean");
+  check_like(x0, "x0", model_mean, "model_mean");
+  check_like(x_t, "x_t", model_mean, "model_mean");
+  check_schedule(model_mean, t, "t", posterior);
+  return n;
+}
+
 }  // namespace fastdiff

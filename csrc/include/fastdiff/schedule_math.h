@@ -24,7 +24,7 @@ namespace fastdiff {
 // Element-wise math used by the per-element formulas below. The formulas are
 // templates on the value type V: a scalar (CUDA threads, CPU tails) or
 // at::vec::Vectorized<float/double> (CPU kernels specialize ElementOps in
-// csrc/cpu/vec_ops.h). Coefficients are always scalars of type S.
+// csrc/cpu/cpu_utils.h). Coefficients are always scalars of type S.
 template <typename V>
 struct ElementOps {
   using scalar = V;  // the element type (a Vectorized's lanes)
@@ -32,11 +32,20 @@ struct ElementOps {
   static FASTDIFF_HD V exp(V v) { return ::exp(v); }
   static FASTDIFF_HD V log(V v) { return ::log(v); }
   static FASTDIFF_HD V sqrt(V v) { return ::sqrt(v); }
+  static FASTDIFF_HD V tanh(V v) { return ::tanh(v); }
 #else
   static FASTDIFF_HD V exp(V v) { return std::exp(v); }
   static FASTDIFF_HD V log(V v) { return std::log(v); }
   static FASTDIFF_HD V sqrt(V v) { return std::sqrt(v); }
+  static FASTDIFF_HD V tanh(V v) { return std::tanh(v); }
 #endif
+  // Comparisons give a mask that select() consumes (a bool here, a lane mask
+  // for Vectorized).
+  static FASTDIFF_HD bool less(V a, V b) { return a < b; }
+  static FASTDIFF_HD bool greater(V a, V b) { return a > b; }
+  static FASTDIFF_HD V select(bool mask, V if_true, V if_false) { return mask ? if_true : if_false; }
+  // torch.clamp_min: NaN stays NaN.
+  static FASTDIFF_HD V clamp_min(V v, V lo) { return v < lo ? lo : v; }
   // torch.clamp semantics: NaN stays NaN.
   static FASTDIFF_HD V clamp(V v, V lo, V hi) { return v < lo ? lo : (v > hi ? hi : v); }
   // torch.clamp's VJP: the gradient passes strictly inside (lo, hi); at the bounds
