@@ -19,6 +19,7 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def(
       "_diffusion_loss_bwd(Tensor grad_loss, Tensor model_output, Tensor x0, Tensor noise, "
       "Tensor t, Tensor table, int prediction_type, float snr_gamma) -> Tensor");
+  // noise None: the step's mean (no noise term; the posterior mean at the predicted x0).
   m.def(
       "ddpm_step(Tensor model_output, Tensor sample, Tensor? noise, Tensor t, Tensor t_prev, "
       "Tensor table, int prediction_type, int variance_type, bool clip_sample, "

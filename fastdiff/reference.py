@@ -210,14 +210,16 @@ def _mean_flat(x):
     return x.mean(dim=list(range(1, x.dim()))) if x.dim() > 1 else x
 
 
-def vb_loss(model_mean, model_log_variance, x0, x_t, t, schedule: NoiseSchedule):
+def vb_loss(model_mean, model_log_variance, x0, x_t, t, schedule: NoiseSchedule, reduction="none"):
     """Per-sample VLB term in bits per dim (improved-diffusion's _vb_terms_bpd): KL from the true
-    posterior to N(model_mean, exp(model_log_variance)) for t > 0, the decoder NLL at t == 0."""
+    posterior to N(model_mean, exp(model_log_variance)) for t > 0, the decoder NLL at t == 0;
+    reduction "none" (B,) or "mean"."""
     true_mean, true_log_variance = q_posterior_mean_log_variance(x0, x_t, t, schedule)
     kl = _mean_flat(normal_kl(true_mean, true_log_variance, model_mean, model_log_variance)) / math.log(2.0)
     nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_variance)
     nll = _mean_flat(nll) / math.log(2.0)
-    return torch.where(t == 0, nll, kl)
+    loss = torch.where(t == 0, nll, kl)
+    return loss.mean() if reduction == "mean" else loss
 
 
 def learned_range(model_var_values, t, schedule: NoiseSchedule):

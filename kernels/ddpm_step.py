@@ -161,12 +161,13 @@ def _learned_std(v, log_var_min, log_var_max, VAR: tl.constexpr):
 def _ddpm_step_fwd_kernel(
     m_ptr,       # *T   (B, n) model output, or (B, 2n) [output | predicted variance] if learned
     x_ptr,       # *T   (B, n) sample x_t, flat per sample
-    noise_ptr,   # *T   (B, n) noise, read only where t > 0 (dummy if every t == 0)
+    noise_ptr,   # *T   (B, n) noise, read only where t > 0 and has_noise (else a dummy)
     out_ptr,     # *T   (B, n) output x_{t_prev}, same layout as x
     t_ptr,       # *i64 (B,) timestep of each sample
     t_prev_ptr,  # *i64 (B,) previous timestep; < 0 means alpha_bar_prev = 1
     table_ptr,   # *f64 (T, 4) schedule table
     clip_range: tl.float64,  # r of clip(x0, -r, r) (used if CLIP)
+    has_noise,   # int  0: no noise term (the step's mean), 1: noise_ptr is the noise
     n,           # int  elements per sample of x
     m_stride,    # int  elements per sample of model output: n, or 2n if learned
     PRED: tl.constexpr,   # prediction type: 0 epsilon, 1 sample, 2 v_prediction
@@ -185,7 +186,7 @@ def _ddpm_step_fwd_kernel(
     b = tl.program_id(1)
     t, x0_x, x0_m, c_x0, c_x, std, log_var_min, log_var_max = _sample_coeffs(
         table_ptr, t_ptr, t_prev_ptr, b, PRED, VAR, ACC)
-    add_noise = t > 0
+    add_noise = (t > 0) & (has_noise != 0)
     r = tl.full((), clip_range, ACC)
 
     start, offs, mask = _sample_block(n, BLOCK)
@@ -212,13 +213,14 @@ def _ddpm_step_bwd_kernel(
     grad_out_ptr,  # *T   (B, n) dL/dout
     m_ptr,         # *T   (B, n) model output, or (B, 2n) with the variance channels if learned
     x_ptr,         # *T   (B, n) sample x_t
-    noise_ptr,     # *T   (B, n) noise, read only if learned and t > 0 (dummy if every t == 0)
+    noise_ptr,     # *T   (B, n) noise, read only if learned, t > 0 and has_noise (else a dummy)
     grad_m_ptr,    # *T   (B, n | 2n) output dL/dm (incl. dL/dv if learned), layout of m
     grad_x_ptr,    # *T   (B, n) output dL/dx, layout of x
     t_ptr,         # *i64 (B,) timestep of each sample
     t_prev_ptr,    # *i64 (B,) previous timestep; < 0 means alpha_bar_prev = 1
     table_ptr,     # *f64 (T, 4) schedule table
     clip_range: tl.float64,  # r of clip(x0, -r, r) (used if CLIP)
+    has_noise,   # int  0: no noise term (the step's mean), 1: noise_ptr is the noise
     n,             # int  elements per sample of x
     m_stride,      # int  elements per sample of model output: n, or 2n if learned
     PRED: tl.constexpr,   # prediction type: 0 epsilon, 1 sample, 2 v_prediction
@@ -236,7 +238,7 @@ def _ddpm_step_bwd_kernel(
     b = tl.program_id(1)
     t, x0_x, x0_m, c_x0, c_x, std, log_var_min, log_var_max = _sample_coeffs(
         table_ptr, t_ptr, t_prev_ptr, b, PRED, VAR, ACC)
-    add_noise = t > 0
+    add_noise = (t > 0) & (has_noise != 0)
     r = tl.full((), clip_range, ACC)
 
     start, offs, mask = _sample_block(n, BLOCK)
@@ -289,12 +291,13 @@ def ddpm_step_fwd(model_output, sample, noise, t, t_prev, table, prediction_type
     out = torch.empty_like(sample)
     if out.numel() == 0:
         return out
-    # No noise is only allowed when every t == 0; the kernel never loads it then.
+    # No noise: the step's mean; the kernel never loads the dummy.
+    has_noise = int(noise is not None)
     noise = sample if noise is None else noise
     for s in batch_slices(batch):
         _ddpm_step_fwd_kernel[(triton.cdiv(n, BLOCK), s.stop - s.start)](
             model_output[s], sample[s], noise[s], out[s], t[s], t_prev[s], table,
-            float(clip_sample_range), n, m_stride,
+            float(clip_sample_range), has_noise, n, m_stride,
             PRED=int(prediction_type), VAR=KERNEL_VARIANCE[int(variance_type)],
             CLIP=bool(clip_sample), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
@@ -307,11 +310,12 @@ def ddpm_step_bwd(grad_out, model_output, sample, noise, t, t_prev, table, predi
     grad_x = torch.empty_like(sample)
     if sample.numel() == 0:
         return grad_m, grad_x
+    has_noise = int(noise is not None)
     noise = sample if noise is None else noise
     for s in batch_slices(batch):
         _ddpm_step_bwd_kernel[(triton.cdiv(n, BLOCK), s.stop - s.start)](
             grad_out[s], model_output[s], sample[s], noise[s], grad_m[s], grad_x[s], t[s],
-            t_prev[s], table, float(clip_sample_range), n, m_stride,
+            t_prev[s], table, float(clip_sample_range), has_noise, n, m_stride,
             PRED=int(prediction_type), VAR=KERNEL_VARIANCE[int(variance_type)],
             CLIP=bool(clip_sample), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return grad_m, grad_x
@@ -319,7 +323,7 @@ def ddpm_step_bwd(grad_out, model_output, sample, noise, t, t_prev, table, predi
 
 _TYPES = {
     "t_ptr": "*i64", "t_prev_ptr": "*i64", "table_ptr": "*fp64", "clip_range": "fp64",
-    "n": "i32", "m_stride": "i32",
+    "has_noise": "i32", "n": "i32", "m_stride": "i32",
 }
 
 KERNEL_CONFIGS = [

@@ -20,6 +20,7 @@ def _tensors(shape=(2, 3, 4, 5), dtype=torch.float32, learned=False):
 
 def _op_cases():
     tab = S.table("cpu")
+    post = S.posterior_table("cpu")
     m, x, noise, t = _tensors()
     ml, *_ = _tensors(learned=True)
     loss_grad = torch.randn(2)
@@ -37,6 +38,9 @@ def _op_cases():
         "sample_and_kl_nonoise": (m, x, None),
         "_sample_and_kl_bwd": (x, loss_grad, m, x, noise),
         "_sample_and_kl_bwd_nonoise": (None, loss_grad, m, x, None),
+        "vb_loss": (m, x - 5.0, x, noise, t, post, 0.5),
+        "vb_loss_nograd": (m, x - 5.0, x, noise, t, post, 0.0),
+        "_vb_loss_bwd": (loss_grad, m, x - 5.0, x, noise, t, post),
     }
 
 
@@ -63,7 +67,8 @@ def test_compile_fullgraph_forward_and_backward():
         loss = fastdiff.diffusion_loss(m * x_t, x0, noise, t, S, "v_prediction", 5.0, backend="cpu")
         prev = fastdiff.ddpm_step(m, t, x_t, S, noise=noise, backend="cpu")
         prev = fastdiff.ddim_step(m, t, t - 20, prev, S, eta=0.5, noise=noise, backend="cpu")
-        return loss + prev.square().mean()
+        vlb = fastdiff.vb_loss(prev, m - 5.0, x0, x_t, t, S, reduction="mean", backend="cpu")
+        return loss + prev.square().mean() + vlb
 
     compiled = torch.compile(train_step, fullgraph=True, backend="aot_eager")
     got = compiled(m, x, noise, t)

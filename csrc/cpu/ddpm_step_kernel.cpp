@@ -18,19 +18,12 @@ StepArgs check_ddpm_args_cpu(const at::Tensor& model_output, const at::Tensor& s
                                      prediction_type, variance_type);
   check_timesteps(t, "t", table, false);
   check_timesteps(t_prev, "t_prev", table, true);
-  if (!noise.has_value()) {
-    const int64_t* tp = t.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < t.numel(); ++i) {
-      TORCH_CHECK(tp[i] == 0, "fastdiff: ddpm_step needs noise where t > 0 (t[", i,
-                  "] = ", tp[i], ")");
-    }
-  }
   return a;
 }
 
 at::Tensor ddpm_step_cpu(const at::Tensor& model_output,           // (B, C|2C, ...)
                          const at::Tensor& sample,                 // (B, C, ...) x_t
-                         const c10::optional<at::Tensor>& noise,   // like sample; None if all t == 0
+                         const c10::optional<at::Tensor>& noise,   // like sample; None: the mean (no noise term)
                          const at::Tensor& t,                      // (B,) int64
                          const at::Tensor& t_prev,                 // (B,) int64, < 0: alpha_bar = 1
                          const at::Tensor& table,                  // (T, 4)
@@ -56,7 +49,8 @@ at::Tensor ddpm_step_cpu(const at::Tensor& model_output,           // (B, C|2C, 
     scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
     const acc_t range = acc_t(clip_sample_range);
     parallel_over_chunks(sample.size(0), a.n, [&](int64_t b, int64_t begin, int64_t end) {
-      const auto c = ddpm_coeffs(tab, t_ptr[b], tp_ptr[b], int(prediction_type), vt).template to<acc_t>();
+      auto c = ddpm_coeffs(tab, t_ptr[b], tp_ptr[b], int(prediction_type), vt).template to<acc_t>();
+      c.add_noise = c.add_noise && noise_p != nullptr;
       const int64_t base = b * a.n, m_base = b * a.m_stride;
       vector_steps<scalar_t>(begin, end, [&](int64_t i, int64_t len) {
         const Vec zero(acc_t(0));
@@ -101,7 +95,8 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_bwd_cpu(
     scalar_t* gx_p = grad_x.mutable_data_ptr<scalar_t>();
     const acc_t range = acc_t(clip_sample_range);
     parallel_over_chunks(sample.size(0), a.n, [&](int64_t b, int64_t begin, int64_t end) {
-      const auto c = ddpm_coeffs(tab, t_ptr[b], tp_ptr[b], int(prediction_type), vt).template to<acc_t>();
+      auto c = ddpm_coeffs(tab, t_ptr[b], tp_ptr[b], int(prediction_type), vt).template to<acc_t>();
+      c.add_noise = c.add_noise && noise_p != nullptr;
       const int64_t base = b * a.n, m_base = b * a.m_stride;
       vector_steps<scalar_t>(begin, end, [&](int64_t i, int64_t len) {
         const Vec zero(acc_t(0));

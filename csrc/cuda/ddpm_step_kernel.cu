@@ -15,20 +15,21 @@
 namespace fastdiff::cuda {
 namespace {
 
-// Thread 0 of each block computes the sample's coefficients (checking t,
-// t_prev, and that noise exists where t > 0) into shared memory: derived in
-// float64 from the float64 table, then cast to acc_t once (as on the CPU).
+// Thread 0 of each block computes the sample's coefficients (checking t and
+// t_prev; without noise there is no noise term: the step's mean) into shared
+// memory: derived in float64 from the float64 table, then cast to acc_t once
+// (as on the CPU).
 // Not inlined: the IEEE division/sqrt/log slow paths stay out of the element
 // loop's register allocation (inlined, ptxas spilled a register in two kernels).
 template <typename acc_t>
 __device__ __noinline__ void load_ddpm_coeffs(DdpmCoeffs<acc_t>& out, const double* table,
                                               int64_t t, int64_t t_prev, int64_t num_timesteps,
                                               int prediction_type, int variance_type,
-                                              const void* noise, bool noise_needed_if_t_positive) {
+                                              const void* noise) {
   check_timestep(t, num_timesteps, false);
   check_timestep(t_prev, num_timesteps, true);
-  const DdpmCoeffs<double> c = ddpm_coeffs(table, t, t_prev, prediction_type, variance_type);
-  check_noise(noise, noise_needed_if_t_positive && c.add_noise);
+  DdpmCoeffs<double> c = ddpm_coeffs(table, t, t_prev, prediction_type, variance_type);
+  c.add_noise = c.add_noise && noise != nullptr;
   out = c.template to<acc_t>();
 }
 
@@ -38,7 +39,7 @@ template <typename scalar_t, bool kAligned, typename acc_t = at::opmath_type<sca
 __global__ void __launch_bounds__(kThreads)
 ddpm_step_fwd_kernel(const scalar_t* __restrict__ model_output,  // (B, m_stride) prediction
                      const scalar_t* __restrict__ sample,        // (B, n) x_t
-                     const scalar_t* __restrict__ noise,         // (B, n) or null if all t == 0
+                     const scalar_t* __restrict__ noise,         // (B, n) or null: no noise term
                      const int64_t* __restrict__ t,              // (B,) timesteps in [0, T)
                      const int64_t* __restrict__ t_prev,         // (B,) < 0: alpha_bar_prev = 1
                      const double* __restrict__ table,           // (T, 4) float64 schedule
@@ -65,7 +66,7 @@ ddpm_step_fwd_kernel(const scalar_t* __restrict__ model_output,  // (B, m_stride
     }
     if (threadIdx.x == 0) {
       load_ddpm_coeffs(coeffs, table, t[b], t_prev[b], num_timesteps, prediction_type,
-                       variance_type, noise, true);
+                       variance_type, noise);
     }
     __syncthreads();
     const DdpmCoeffs<acc_t> c = coeffs;
@@ -99,7 +100,7 @@ __global__ void __launch_bounds__(kThreads)
 ddpm_step_bwd_kernel(const scalar_t* __restrict__ grad_out,      // (B, n) dL/dout
                      const scalar_t* __restrict__ model_output,  // (B, m_stride) prediction
                      const scalar_t* __restrict__ sample,        // (B, n) x_t
-                     const scalar_t* __restrict__ noise,         // (B, n) or null if all t == 0
+                     const scalar_t* __restrict__ noise,         // (B, n) or null: no noise term
                      const int64_t* __restrict__ t,              // (B,) timesteps in [0, T)
                      const int64_t* __restrict__ t_prev,         // (B,) < 0: alpha_bar_prev = 1
                      const double* __restrict__ table,           // (T, 4) float64 schedule
@@ -127,9 +128,8 @@ ddpm_step_bwd_kernel(const scalar_t* __restrict__ grad_out,      // (B, n) dL/do
       m_raw = load_raw<kAligned, N>(model_output + m_off, n - i);
     }
     if (threadIdx.x == 0) {
-      // noise enters the VJP only through a learned std.
       load_ddpm_coeffs(coeffs, table, t[b], t_prev[b], num_timesteps, prediction_type,
-                       variance_type, noise, learned);
+                       variance_type, noise);
     }
     __syncthreads();
     const DdpmCoeffs<acc_t> c = coeffs;
@@ -162,8 +162,8 @@ ddpm_step_bwd_kernel(const scalar_t* __restrict__ grad_out,      // (B, n) dL/do
   }
 }
 
-// The shared checks; the range of t / t_prev and the presence of noise where
-// t > 0 are checked on the device (thread 0 of each block).
+// The shared checks; the range of t / t_prev is checked on the device (thread 0
+// of each block).
 StepArgs check_ddpm_args_cuda(const at::Tensor& model_output, const at::Tensor& sample,
                               const c10::optional<at::Tensor>& noise, const at::Tensor& t,
                               const at::Tensor& t_prev, const at::Tensor& table,
@@ -175,7 +175,7 @@ StepArgs check_ddpm_args_cuda(const at::Tensor& model_output, const at::Tensor& 
 
 at::Tensor ddpm_step_cuda(const at::Tensor& model_output,          // (B, C|2C, ...)
                           const at::Tensor& sample,                // (B, C, ...) x_t
-                          const c10::optional<at::Tensor>& noise,  // like sample; None: all t == 0
+                          const c10::optional<at::Tensor>& noise,  // like sample; None: the mean
                           const at::Tensor& t,                     // (B,) int64
                           const at::Tensor& t_prev,                // (B,) int64, < 0: alpha_bar = 1
                           const at::Tensor& table,                 // (T, 4)
@@ -211,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_bwd_cuda(
     const at::Tensor& grad_out,              // (B, C, ...) like sample
     const at::Tensor& model_output,          // (B, C|2C, ...)
     const at::Tensor& sample,                // (B, C, ...) x_t
-    const c10::optional<at::Tensor>& noise,  // like sample; None if all t == 0
+    const c10::optional<at::Tensor>& noise,  // like sample; None: the mean
     const at::Tensor& t,                     // (B,) int64
     const at::Tensor& t_prev,                // (B,) int64, < 0: alpha_bar = 1
     const at::Tensor& table,                 // (T, 4)

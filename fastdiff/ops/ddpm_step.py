@@ -26,6 +26,19 @@ def ddpm_step(model_output, t, sample, schedule, noise=None, generator=None, pre
     square root of a log-variance (NaN); fastdiff uses std = exp(0.5 * log-variance) there,
     as improved DDPM does. Differentiable in model_output and sample (noise is a constant).
     """
+    return _ddpm_step(model_output, t, sample, schedule, noise, generator, prediction_type, variance_type,
+                      clip_sample, clip_sample_range, t_prev, backend, draw_noise=True)
+
+
+def posterior_mean(model_output, t, sample, schedule, prediction_type="epsilon", *, backend=None):
+    """The mean of p(x_{t-1} | x_t) (the posterior mean at the predicted x0, unclipped): the DDPM
+    step without its noise, through the same fused kernel."""
+    return _ddpm_step(model_output, t, sample, schedule, None, None, prediction_type, "fixed_small", False, 1.0,
+                      None, backend, draw_noise=False)
+
+
+def _ddpm_step(model_output, t, sample, schedule, noise, generator, prediction_type, variance_type, clip_sample,
+               clip_sample_range, t_prev, backend, draw_noise):
     check_tensor(sample, "sample")
     check_tensor(model_output, "model_output")
     check_schedule(schedule)
@@ -51,7 +64,7 @@ def ddpm_step(model_output, t, sample, schedule, noise=None, generator=None, pre
                                                     allow_negative=True, kernel_checks_range=in_kernel)
     if noise is not None:
         check_tensor(noise, "noise", like=sample, like_name="sample")
-    elif batch and bool((t > 0).any()):
+    elif draw_noise and batch and bool((t > 0).any()):
         noise = randn_like_diffusers(sample.shape, generator, device, sample.dtype)
     if name == "reference":
         return reference.ddpm_step(model_output, t, sample, schedule, noise, prediction_type, variance_type,

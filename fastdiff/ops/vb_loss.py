@@ -6,6 +6,7 @@ import torch
 
 from .. import reference
 from .._backend import select
+from .ddpm_step import posterior_mean
 from ._common import (check_choice, check_schedule, check_tensor, op_namespace, opmath_dtype, register,
                       rescale_precomputed, same_layout, timesteps)
 
@@ -57,25 +58,33 @@ def vb_loss(model_mean, model_log_variance, x0, x_t, t, schedule, reduction="non
     return loss.mean() if reduction == "mean" else loss
 
 
-def learned_range(model_var_values, t, schedule):
-    """Model log-variance from the network's variance channels v in [-1, 1] (improved DDPM's
-    "learned_range"): (v + 1) / 2 * log(beta_t) + (1 - v) / 2 * (clipped posterior log-variance).
+def learned_range(model_output, x_t, t, schedule, prediction_type="epsilon", *, backend=None):
+    """(model_mean, model_log_variance) of p(x_{t-1} | x_t) for a network with learned-range
+    variance (improved DDPM): ``model_output`` is (B, 2C, ...), the prediction | v in [-1, 1].
 
-    With it the hybrid loss L_simple + lambda L_vlb (stop-gradient on the mean in L_vlb) is::
+    model_mean is the posterior mean at the predicted x0 (the DDPM step's fused kernel, without
+    noise or clipping) computed from the *detached* prediction: the stop-gradient of the hybrid
+    loss. model_log_variance = (v + 1) / 2 log(beta_t) + (1 - v) / 2 (clipped posterior
+    log-variance), differentiable in v. The hybrid loss L_simple + lambda L_vlb is then::
 
-        eps, v = model_output.chunk(2, dim=1)
-        simple = fastdiff.diffusion_loss(eps, x0, noise, t, schedule)
-        mean = fastdiff.ddpm_step(eps.detach(), t, x_t, schedule, clip_sample=False)  # posterior mean
-        vlb = fastdiff.vb_loss(mean, fastdiff.learned_range(v, t, schedule), x0, x_t, t, schedule)
-        loss = simple + lambda_ * schedule.num_timesteps * vlb.mean()
+        eps = model_output.chunk(2, dim=1)[0]
+        mean, log_variance = fastdiff.learned_range(model_output, x_t, t, schedule)
+        vlb = fastdiff.vb_loss(mean, log_variance, x0, x_t, t, schedule, reduction="mean")
+        loss = fastdiff.diffusion_loss(eps, x0, noise, t, schedule) + lambda_ * schedule.num_timesteps * vlb
 
-    (lambda_ = 0.001 in the paper; improved-diffusion's RESCALED_MSE is the same with
-    lambda_ * T = T / 1000).
+    (lambda_ = 0.001 in the paper: improved-diffusion's RESCALED_MSE, vb * T / 1000).
     """
-    check_tensor(model_var_values, "model_var_values")
+    check_tensor(model_output, "model_output", min_dim=2)
+    check_tensor(x_t, "x_t", min_dim=2)
+    expected = (x_t.shape[0], 2 * x_t.shape[1]) + tuple(x_t.shape[2:])
+    if tuple(model_output.shape) != expected:
+        raise ValueError(f"model_output must have shape {expected} (prediction and variance channels for x_t "
+                         f"of shape {tuple(x_t.shape)}), got {tuple(model_output.shape)}")
     check_schedule(schedule)
-    t = timesteps(t, "t", model_var_values.shape[0], model_var_values.device, schedule.num_timesteps)
-    return reference.learned_range(model_var_values, t, schedule)
+    prediction, v = model_output.chunk(2, dim=1)
+    mean = posterior_mean(prediction.detach(), t, x_t, schedule, prediction_type, backend=backend)
+    t = timesteps(t, "t", x_t.shape[0], x_t.device, schedule.num_timesteps)
+    return mean, reference.learned_range(v, t, schedule)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
