@@ -52,6 +52,18 @@ TORCH_LIBRARY(fastdiff, m) {
   m.def(
       "_vb_loss_bwd(Tensor grad_loss, Tensor model_mean, Tensor model_log_variance, Tensor x0, "
       "Tensor x_t, Tensor t, Tensor posterior) -> (Tensor, Tensor)");
+  // GroupNorm + SiLU (group_norm_math.h). x: (N, C, *) contiguous, or channels-last
+  // dense (C innermost: channels_last / channels_last_3d); y and grad_x keep x's layout.
+  // weight / bias: (C,) in x's accumulation type (float; double for double) or None.
+  // mean / rstd: (N, G) accumulation type. grad_weight / grad_bias: (C,), empty (0,)
+  // when weight / bias is None. silu = false: plain GroupNorm.
+  m.def(
+      "group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, "
+      "bool silu) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def(
+      "_group_norm_silu_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor rstd, int num_groups, bool silu) -> (Tensor grad_x, Tensor grad_weight, "
+      "Tensor grad_bias)");
 }
 
 // Importable as a Python module so `import fastdiff._C` loads the library.

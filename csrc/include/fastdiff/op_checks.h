@@ -206,4 +206,50 @@ inline int64_t check_vb_loss_args(const at::Tensor& model_mean, const at::Tensor
   return n;
 }
 
+// group_norm_silu: the shape and layout of x and the (C,) affine parameters.
+struct GroupNormArgs {
+  int64_t batch, channels, hw, groups;
+  bool channels_last;  // C innermost (else contiguous NC*)
+};
+
+inline GroupNormArgs check_group_norm_args(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                           const c10::optional<at::Tensor>& bias, int64_t num_groups,
+                                           double eps) {
+  check_floating(x, "x");
+  TORCH_CHECK(x.dim() >= 2, "fastdiff: group_norm_silu needs x of shape (N, C, *), got ", x.sizes());
+  const int64_t channels = x.size(1);
+  TORCH_CHECK(num_groups > 0 && channels % num_groups == 0, "fastdiff: num_groups = ", num_groups,
+              " must divide the ", channels, " channels");
+  TORCH_CHECK(eps > 0, "fastdiff: eps must be > 0, got ", eps);
+  const bool contiguous = x.is_contiguous();
+  const bool channels_last = !contiguous && ((x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+                                             (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d)));
+  TORCH_CHECK(contiguous || channels_last, "fastdiff: x must be contiguous or channels_last, got strides ",
+              x.strides());
+  const auto acc = at::toOpMathType(x.scalar_type());
+  for (const auto* p : {&weight, &bias}) {
+    if (!p->has_value()) continue;
+    const at::Tensor& v = p->value();
+    TORCH_CHECK(v.dim() == 1 && v.size(0) == channels && v.is_contiguous() && v.scalar_type() == acc &&
+                    v.device() == x.device(),
+                "fastdiff: weight and bias must be contiguous ", acc, " of shape (", channels, ") on ",
+                x.device(), ", got ", v.scalar_type(), " ", v.sizes(), " on ", v.device());
+  }
+  int64_t spatial = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) spatial *= x.size(d);
+  return {x.size(0), channels, spatial, num_groups, channels_last};
+}
+
+// The (N, G) statistics a backward takes: the forward's.
+inline void check_group_stats(const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& x,
+                              const GroupNormArgs& a) {
+  const auto acc = at::toOpMathType(x.scalar_type());
+  for (const auto* p : {&mean, &rstd}) {
+    TORCH_CHECK(p->dim() == 2 && p->size(0) == a.batch && p->size(1) == a.groups && p->is_contiguous() &&
+                    p->scalar_type() == acc && p->device() == x.device(),
+                "fastdiff: mean and rstd must be contiguous ", acc, " of shape (", a.batch, ", ", a.groups,
+                "), got ", p->scalar_type(), " ", p->sizes());
+  }
+}
+
 }  // namespace fastdiff

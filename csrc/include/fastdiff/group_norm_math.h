@@ -1,0 +1,88 @@
+// Math of the fused GroupNorm + SiLU, shared by the CPU and CUDA kernels
+// (kernels/group_norm_silu.py restates it).
+//
+// x: (N, C, *), G groups of C / G channels; each (n, g) is normalized over its
+// M = (C / G) * HW elements (HW = product of the spatial dims):
+//   xhat = (x - mean_ng) rstd_ng,  rstd_ng = 1 / sqrt(var_ng + eps)  (biased var)
+//   a    = w_c xhat + b_c = scale x + shift,  scale = rstd w_c,  shift = b_c - mean rstd w_c
+//   y    = silu(a) = a sigmoid(a)     (or y = a without the activation)
+// Statistics: each channel's moments are taken about a pilot value (the
+// channel's first element) so that fp32 sums of (x - K) and (x - K)^2 do not
+// cancel when |mean| >> std; channels are then merged into their group in
+// double with Chan et al.'s pairwise update (group_moments below).
+// Backward, with da = dy silu'(a) and per-(n, c) sums ds = sum da,
+// dsx = sum da xhat (over HW):
+//   d b_c = sum_n ds_nc,  d w_c = sum_n dsx_nc              (fixed order: deterministic)
+//   A_ng = sum_{c in g} w_c ds_nc,  B_ng = sum_{c in g} w_c dsx_nc
+//   dx = rstd (w_c da - A / M - xhat B / M) = scale da + c2 x + c3,
+//   c2 = -rstd^2 B / M,  c3 = -c2 mean - rstd A / M        (per (n, g))
+#pragma once
+
+#include "fastdiff/schedule_math.h"  // FASTDIFF_HD, ElementOps
+
+namespace fastdiff {
+
+// a -> (silu(a), silu'(a)); silu'(a) = s (1 + a (1 - s)), s = sigmoid(a).
+template <typename V>
+struct SiluAndGrad {
+  V y, dy_da;
+};
+
+template <typename V>
+FASTDIFF_HD V sigmoid(V a) {
+  using S = typename ElementOps<V>::scalar;
+  return V(S(1)) / (V(S(1)) + ElementOps<V>::exp(V(S(0)) - a));
+}
+
+template <typename V>
+FASTDIFF_HD V norm_act(V x, V scale, V shift, bool silu) {
+  const V a = x * scale + shift;
+  return silu ? a * sigmoid(a) : a;
+}
+
+// da = dy * d y / d a at a = scale x + shift.
+template <typename V>
+FASTDIFF_HD V norm_act_grad(V x, V scale, V shift, V dy, bool silu) {
+  using S = typename ElementOps<V>::scalar;
+  if (!silu) return dy;
+  const V a = x * scale + shift;
+  const V s = sigmoid(a);
+  return dy * s * (V(S(1)) + a * (V(S(1)) - s));
+}
+
+// Moments of one channel: count elements, sum1 = sum (x - pilot), sum2 =
+// sum (x - pilot)^2 (accumulated by the kernel), in double.
+struct ChannelSums {
+  double pilot, sum1, sum2;
+};
+
+struct GroupStats {
+  double mean, rstd;
+};
+
+// Merges the channels [first, first + channels) of one (n, g) into the
+// group's mean and rstd: each channel's mean and M2 from its shifted sums,
+// then Chan's update (M2 += M2_c + d^2 n_a n_b / (n_a + n_b)).
+FASTDIFF_HD GroupStats group_moments(const ChannelSums* sums, int64_t channels, int64_t count,
+                                     double eps) {
+  double mean = 0, m2 = 0, n = 0;
+  for (int64_t c = 0; c < channels; ++c) {
+    const double nc = double(count);
+    const double mean_c = sums[c].pilot + sums[c].sum1 / nc;
+    double m2_c = sums[c].sum2 - sums[c].sum1 * sums[c].sum1 / nc;
+    m2_c = m2_c > 0 ? m2_c : 0;
+    const double total = n + nc;
+    const double delta = mean_c - mean;
+    mean += delta * nc / total;
+    m2 += m2_c + delta * delta * n * nc / total;
+    n = total;
+  }
+  const double var = n > 0 ? m2 / n : 0;
+#if defined(__CUDACC__) || defined(__HIPCC__)
+  return {mean, ::rsqrt(var + eps)};
+#else
+  return {mean, 1.0 / std::sqrt(var + eps)};
+#endif
+}
+
+}  // namespace fastdiff
