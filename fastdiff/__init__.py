@@ -6,12 +6,14 @@ Every op runs on one of the backends ``reference`` (eager PyTorch), ``cpu`` (C++
 Import never fails: ``fastdiff.info()`` says what was built and what can run.
 """
 from . import _C_loader  # noqa: F401  (loads the extension, recording failures)
+from . import nn
 from ._backend import BACKENDS, BackendError, use_backend
 from ._info import info
 from .distributions import DiagonalGaussian
 from .ops.ddim_step import ddim_step
 from .ops.ddpm_step import ddpm_step
 from .ops.diffusion_loss import diffusion_loss
+from .ops.group_norm_silu import group_norm_silu
 from .ops.q_sample import q_sample
 from .ops.sample_and_kl import gaussian_kl, reparameterize, sample_and_kl
 from .ops.vb_loss import discretized_gaussian_log_likelihood, learned_range, normal_kl, vb_loss
@@ -28,9 +30,11 @@ __all__ = [
     "ddpm_step",
     "diffusion_loss",
     "discretized_gaussian_log_likelihood",
+    "group_norm_silu",
     "gaussian_kl",
     "info",
     "learned_range",
+    "nn",
     "normal_kl",
     "q_sample",
     "reparameterize",

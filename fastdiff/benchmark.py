@@ -43,6 +43,7 @@ from .ops import OPS
 
 MODES = ("fwd", "bwd", "full")
 SIZES = {"small": (16, 4, 32, 32), "sd": (64, 4, 64, 64), "pixel": (256, 3, 64, 64)}
+DEFAULT_SIZES = ("small", "sd", "pixel")
 PROVIDERS = ("reference", "compile", "cpu", "cuda", "triton")
 BACKEND_PROVIDERS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -81,6 +82,7 @@ class OpCase:
     moved: dict
     bytes_doc: dict
     scalar_output: bool = False
+    sizes: tuple = ()  # the op's own default shapes (else --sizes' default)
 
     def numel(self, shape) -> int:
         n = 1
@@ -345,7 +347,7 @@ class CaseResult:
 
 
 def run_case(case: OpCase, shape, mode: str, providers, device, dtype, copy_bw: float, reps=None,
-             inputs=None, log=print) -> CaseResult:
+             inputs=None, log=print, layout="contiguous") -> CaseResult:
     inputs = inputs if inputs is not None else case.setup(shape, device, dtype)
     runners, est, errors = {}, {}, {}
     for p in providers:
@@ -368,7 +370,7 @@ def run_case(case: OpCase, shape, mode: str, providers, device, dtype, copy_bw: 
         except Exception as e:  # noqa: BLE001
             errors["timing"] = f"{type(e).__name__}: {e}"
             log(f"  ! {case.op} {shape_str(shape)} {mode}: {errors['timing']}")
-    res = CaseResult(case.op, case.config + f";dtype={str(dtype).replace('torch.', '')}", tuple(shape), mode,
+    res = CaseResult(case.op, case.config + f";dtype={str(dtype).replace('torch.', '')};layout={layout}", tuple(shape), mode,
                      case.nbytes(mode, shape, dtype), n or 0, stats, errors)
     runners.clear()
     gc.collect()
@@ -440,9 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, choices=("cpu", "cuda"),
                     help="default: cuda when available, else cpu")
     ap.add_argument("--csv", default=None, help="write the long-format CSV here")
-    ap.add_argument("--sizes", default="small,sd,pixel",
+    ap.add_argument("--sizes", default=None,
                     help="comma list of " + ", ".join(f"{k} ({shape_str(v)})" for k, v in SIZES.items())
-                    + " or explicit shapes like 32x4x64x64")
+                    + " or explicit shapes like 32x4x64x64 (default: the op's own shapes, else "
+                    + ",".join(DEFAULT_SIZES) + ")")
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of fwd,bwd,full")
     ap.add_argument("--providers", default=None,
                     help="comma list of reference,compile,cpu,cuda,triton (default: reference, compile and "
@@ -454,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for the CPU providers (default: torch's default)")
     ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile provider")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="4-D inputs in channels_last memory format (e.g. group_norm_silu's NHWC kernels)")
     return ap
 
 
@@ -481,7 +486,7 @@ def main(argv=None) -> int:
         if m not in MODES:
             ap.error(f"--modes: unknown mode {m!r} (expected fwd,bwd,full)")
     try:
-        sizes = [parse_size(s) for s in _split(args.sizes)]
+        sizes = [parse_size(s) for s in _split(args.sizes)] if args.sizes else None
     except argparse.ArgumentTypeError as e:
         ap.error(f"--sizes: {e}")
     if args.reps is not None and args.reps < 1:
@@ -526,10 +531,14 @@ def main(argv=None) -> int:
         for p, why in skipped:
             print(f"  (skipping provider {p} for {op}: {why})")
         results = []
-        for shape in sizes:
+        for shape in sizes or case.sizes or [SIZES[s] for s in DEFAULT_SIZES]:
             inputs = case.setup(shape, device, dtype)
+            if args.channels_last:
+                inputs = {k: v.to(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4 else v
+                          for k, v in inputs.items()}
             for mode in modes:
-                r = run_case(case, shape, mode, providers, device, dtype, copy_bw, args.reps, inputs)
+                r = run_case(case, shape, mode, providers, device, dtype, copy_bw, args.reps, inputs,
+                             layout="channels_last" if args.channels_last else "contiguous")
                 results.append(r)
                 all_errors += [(op, shape_str(shape), mode, p, e) for p, e in r.errors.items()]
             del inputs
@@ -566,12 +575,14 @@ def pytest_device() -> torch.device:
 
 def pytest_params(case: OpCase):
     """(argnames, params) for ``pytest.mark.parametrize``: provider x mode x size, the providers that
-    cannot run here skipped with their reason. Sizes from FASTDIFF_BENCH_SIZES (default: all);
+    cannot run here skipped with their reason. Sizes from FASTDIFF_BENCH_SIZES (default: the op's own
+    shapes, else all named ones);
     ``compile`` only with FASTDIFF_BENCH_COMPILE=1 (it compiles every case first)."""
     import pytest
 
     device = pytest_device()
-    sizes = _split(os.environ.get("FASTDIFF_BENCH_SIZES", ",".join(SIZES)))
+    default = ",".join(shape_str(shp) for shp in case.sizes) if case.sizes else ",".join(SIZES)
+    sizes = _split(os.environ.get("FASTDIFF_BENCH_SIZES", default))
     params = []
     for p in PROVIDERS:
         why = provider_skip_reason(case, p, device)

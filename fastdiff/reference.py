@@ -229,3 +229,13 @@ def learned_range(model_var_values, t, schedule: NoiseSchedule):
     max_log = _gather(schedule.betas.log(), t, model_var_values)
     frac = (model_var_values + 1) / 2
     return frac * max_log + (1 - frac) * min_log
+
+
+# -- U-Net blocks --------------------------------------------------------------------------
+ACTIVATIONS = ("silu", None)
+
+
+def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, activation="silu"):
+    """GroupNorm then SiLU, as every ResNet block of a diffusion U-Net / the SD VAE runs them."""
+    y = torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
+    return torch.nn.functional.silu(y) if activation == "silu" else y

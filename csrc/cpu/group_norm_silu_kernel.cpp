@@ -1,0 +1,419 @@
+// GroupNorm + SiLU on the CPU, forward and backward, for contiguous NC* and
+// channels-last x. Math: csrc/include/fastdiff/group_norm_math.h.
+//
+// NC*: one task per (n, g). The group's channels are contiguous rows of HW
+// elements: a statistics pass, then the write pass while the group is still
+// in cache (a group of SD-UNet's (2, 320, 64, 64) / 32 is 160 KB).
+// Channels-last: the group's elements are strided, so tasks are (n, block of
+// kPixels pixels) with vectors running over channels; per-block channel sums
+// are merged in block order. Every split depends only on the shape, never on
+// the thread count: results are bitwise reproducible. No atomics.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu_utils.h"
+#include "fastdiff/group_norm_math.h"
+#include "fastdiff/op_checks.h"
+
+namespace fastdiff::cpu {
+namespace {
+
+// Pixels per channels-last task (x C channels each).
+constexpr int64_t kPixels = 256;
+
+template <typename Vec>
+double lane_sum(const Vec& v) {
+  using T = typename Vec::value_type;
+  return double(at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, v));
+}
+
+// Shifted sums of one NC* row of hw elements about its first element: in the
+// accumulation type within kChunk elements, in double across chunks.
+template <typename scalar_t>
+ChannelSums row_sums(const scalar_t* row, int64_t hw) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  const acc_t pilot = acc_t(row[0]);
+  ChannelSums s{double(pilot), 0.0, 0.0};
+  for (int64_t begin = 0; begin < hw; begin += kChunk) {
+    Vec s1(acc_t(0)), s2(acc_t(0));
+    vector_steps<scalar_t>(begin, std::min(begin + kChunk, hw), [&](int64_t i, int64_t len) {
+      Vec d = IO::load(row + i, len) - Vec(pilot);
+      if (len < IO::kSize) d = Vec::set(Vec(acc_t(0)), d, len);  // tail lanes add nothing
+      s1 = s1 + d;
+      s2 = at::vec::fmadd(d, d, s2);
+    });
+    s.sum1 += lane_sum(s1);
+    s.sum2 += lane_sum(s2);
+  }
+  return s;
+}
+
+// The affine fold of one channel: a = scale x + shift (derived in double).
+struct Fold {
+  double scale, shift;
+};
+
+inline Fold fold(double mean, double rstd, const double w, const double b) {
+  return {rstd * w, b - mean * rstd * w};
+}
+
+template <typename acc_t>
+double param(const acc_t* p, int64_t c, double absent) {
+  return p ? double(p[c]) : absent;
+}
+
+// Backward coefficients of one (n, g) from its channels' (ds, dsx):
+// dx = scale da + c2 x + c3.
+struct DxCoeffs {
+  double c2, c3;
+};
+
+template <typename acc_t>
+DxCoeffs dx_coeffs(const double* ds, const double* dsx, const acc_t* w, int64_t first, int64_t channels,
+                   double count, double mean, double rstd) {
+  double a = 0, b = 0;
+  for (int64_t k = 0; k < channels; ++k) {
+    const double wc = param(w, first + k, 1.0);
+    a += wc * ds[k];
+    b += wc * dsx[k];
+  }
+  const double c2 = -rstd * rstd * b / count;
+  return {c2, -c2 * mean - rstd * a / count};
+}
+
+// d weight = sum_n dsx, d bias = sum_n ds, in sample order.
+template <typename acc_t>
+void reduce_param_grads(const std::vector<double>& ds, const std::vector<double>& dsx, int64_t batch,
+                        int64_t channels, at::Tensor& grad_w, at::Tensor& grad_b) {
+  acc_t* gw = grad_w.numel() ? grad_w.mutable_data_ptr<acc_t>() : nullptr;
+  acc_t* gb = grad_b.numel() ? grad_b.mutable_data_ptr<acc_t>() : nullptr;
+  for (int64_t c = 0; c < channels; ++c) {
+    double sw = 0, sb = 0;
+    for (int64_t n = 0; n < batch; ++n) {
+      sw += dsx[n * channels + c];
+      sb += ds[n * channels + c];
+    }
+    if (gw) gw[c] = acc_t(sw);
+    if (gb) gb[c] = acc_t(sb);
+  }
+}
+
+// ---- NC* -------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void forward_nchw(const GroupNormArgs& a, const scalar_t* x, const at::opmath_type<scalar_t>* w,
+                  const at::opmath_type<scalar_t>* b, double eps, bool silu, scalar_t* y,
+                  at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* rstd_out) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  const int64_t cpg = a.channels / a.groups, hw = a.hw;
+  at::parallel_for(0, a.batch * a.groups, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<ChannelSums> sums(cpg);
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t c0 = (task % a.groups) * cpg;
+      const int64_t base = (task / a.groups) * a.channels * hw;
+      for (int64_t k = 0; k < cpg; ++k) sums[k] = row_sums(x + base + (c0 + k) * hw, hw);
+      const GroupStats st = group_moments(sums.data(), cpg, hw, eps);
+      mean_out[task] = acc_t(st.mean);
+      rstd_out[task] = acc_t(st.rstd);
+      for (int64_t k = 0; k < cpg; ++k) {
+        const int64_t c = c0 + k;
+        const Fold f = fold(st.mean, st.rstd, param(w, c, 1.0), param(b, c, 0.0));
+        const Vec scale(acc_t(f.scale)), shift(acc_t(f.shift));
+        const scalar_t* xr = x + base + c * hw;
+        scalar_t* yr = y + base + c * hw;
+        vector_steps<scalar_t>(0, hw, [&](int64_t i, int64_t len) {
+          IO::store(yr + i, norm_act(IO::load(xr + i, len), scale, shift, silu), len);
+        });
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_nchw(const GroupNormArgs& a, const scalar_t* dy, const scalar_t* x,
+                   const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* b,
+                   const at::opmath_type<scalar_t>* mean_in, const at::opmath_type<scalar_t>* rstd_in, bool silu,
+                   scalar_t* dx, std::vector<double>& ds, std::vector<double>& dsx) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  const int64_t cpg = a.channels / a.groups, hw = a.hw;
+  at::parallel_for(0, a.batch * a.groups, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t n = task / a.groups, c0 = (task % a.groups) * cpg;
+      const int64_t base = n * a.channels * hw;
+      const double mean = mean_in[task], rstd = rstd_in[task];
+      const Vec xhat_scale = Vec(acc_t(rstd)), xhat_shift = Vec(acc_t(-mean * rstd));
+      // pass 1: per-channel sums of da and da * xhat
+      for (int64_t k = 0; k < cpg; ++k) {
+        const int64_t c = c0 + k;
+        const Fold f = fold(mean, rstd, param(w, c, 1.0), param(b, c, 0.0));
+        const Vec scale(acc_t(f.scale)), shift(acc_t(f.shift));
+        double s_da = 0, s_dax = 0;
+        for (int64_t begin = 0; begin < hw; begin += kChunk) {
+          Vec s1(acc_t(0)), s2(acc_t(0));
+          vector_steps<scalar_t>(begin, std::min(begin + kChunk, hw), [&](int64_t i, int64_t len) {
+            const Vec xv = IO::load(x + base + c * hw + i, len);
+            // tail lanes load dy = 0, so da = 0 there
+            const Vec da = norm_act_grad(xv, scale, shift, IO::load(dy + base + c * hw + i, len), silu);
+            s1 = s1 + da;
+            s2 = at::vec::fmadd(da, at::vec::fmadd(xv, xhat_scale, xhat_shift), s2);
+          });
+          s_da += lane_sum(s1);
+          s_dax += lane_sum(s2);
+        }
+        ds[n * a.channels + c] = s_da;
+        dsx[n * a.channels + c] = s_dax;
+      }
+      const DxCoeffs k2 = dx_coeffs(&ds[n * a.channels + c0], &dsx[n * a.channels + c0], w, c0, cpg,
+                                    double(cpg * hw), mean, rstd);
+      const Vec c2(acc_t(k2.c2)), c3(acc_t(k2.c3));
+      // pass 2: dx (the group's x and dy are still in cache)
+      for (int64_t k = 0; k < cpg; ++k) {
+        const int64_t c = c0 + k;
+        const Fold f = fold(mean, rstd, param(w, c, 1.0), param(b, c, 0.0));
+        const Vec scale(acc_t(f.scale)), shift(acc_t(f.shift));
+        const int64_t row = base + c * hw;
+        vector_steps<scalar_t>(0, hw, [&](int64_t i, int64_t len) {
+          const Vec xv = IO::load(x + row + i, len);
+          const Vec da = norm_act_grad(xv, scale, shift, IO::load(dy + row + i, len), silu);
+          IO::store(dx + row + i, at::vec::fmadd(scale, da, at::vec::fmadd(c2, xv, c3)), len);
+        });
+      }
+    }
+  });
+}
+
+// ---- channels-last ---------------------------------------------------------------------
+
+// Calls body(n, p0, p1) for each (sample n, pixel block [p0, p1)) in parallel.
+template <typename F>
+void parallel_over_pixel_blocks(const GroupNormArgs& a, const F& body) {
+  const int64_t blocks = (a.hw + kPixels - 1) / kPixels;
+  at::parallel_for(0, a.batch * blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t p0 = (task % blocks) * kPixels;
+      body(task / blocks, task % blocks, p0, std::min(p0 + kPixels, a.hw));
+    }
+  });
+}
+
+// Per-(n, c) values expanded for vector loads over channels.
+template <typename acc_t>
+struct ChannelVectors {
+  std::vector<acc_t> scale, shift, c2, c3;
+};
+
+template <typename scalar_t>
+void forward_nhwc(const GroupNormArgs& a, const scalar_t* x, const at::opmath_type<scalar_t>* w,
+                  const at::opmath_type<scalar_t>* b, double eps, bool silu, scalar_t* y,
+                  at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* rstd_out) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  const int64_t C = a.channels, cpg = C / a.groups;
+  const int64_t blocks = (a.hw + kPixels - 1) / kPixels;
+  // pass 1: per-(n, block, c) shifted sums about pixel 0 of the sample
+  std::vector<acc_t> part(a.batch * blocks * C * 2);
+  parallel_over_pixel_blocks(a, [&](int64_t n, int64_t blk, int64_t p0, int64_t p1) {
+    const scalar_t* xs = x + n * a.hw * C;
+    acc_t* s1 = &part[((n * blocks + blk) * 2) * C];
+    acc_t* s2 = s1 + C;
+    vector_steps<scalar_t>(0, C, [&](int64_t c, int64_t len) {
+      const Vec pilot = IO::load(xs + c, len);
+      Vec a1(acc_t(0)), a2(acc_t(0));
+      for (int64_t p = p0; p < p1; ++p) {
+        const Vec d = IO::load(xs + p * C + c, len) - pilot;
+        a1 = a1 + d;
+        a2 = at::vec::fmadd(d, d, a2);
+      }
+      a1.store(s1 + c, len);
+      a2.store(s2 + c, len);
+    });
+  });
+  ChannelVectors<acc_t> cv{std::vector<acc_t>(C), std::vector<acc_t>(C), {}, {}};
+  std::vector<ChannelSums> sums(C);
+  for (int64_t n = 0; n < a.batch; ++n) {
+    const scalar_t* xs = x + n * a.hw * C;
+    for (int64_t c = 0; c < C; ++c) {
+      sums[c] = {double(acc_t(xs[c])), 0.0, 0.0};
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        sums[c].sum1 += part[((n * blocks + blk) * 2) * C + c];
+        sums[c].sum2 += part[((n * blocks + blk) * 2 + 1) * C + c];
+      }
+    }
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const GroupStats st = group_moments(&sums[g * cpg], cpg, a.hw, eps);
+      mean_out[n * a.groups + g] = acc_t(st.mean);
+      rstd_out[n * a.groups + g] = acc_t(st.rstd);
+    }
+  }
+  // pass 2: normalize + activation, per-channel folds of sample n
+  std::vector<acc_t> scale(a.batch * C), shift(a.batch * C);
+  for (int64_t n = 0; n < a.batch; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t ng = n * a.groups + c / cpg;
+      const Fold f = fold(double(mean_out[ng]), double(rstd_out[ng]), param(w, c, 1.0), param(b, c, 0.0));
+      scale[n * C + c] = acc_t(f.scale);
+      shift[n * C + c] = acc_t(f.shift);
+    }
+  }
+  parallel_over_pixel_blocks(a, [&](int64_t n, int64_t, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t off = (n * a.hw + p) * C;
+      vector_steps<scalar_t>(0, C, [&](int64_t c, int64_t len) {
+        const Vec sc = Vec::loadu(&scale[n * C + c], len), sh = Vec::loadu(&shift[n * C + c], len);
+        IO::store(y + off + c, norm_act(IO::load(x + off + c, len), sc, sh, silu), len);
+      });
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_nhwc(const GroupNormArgs& a, const scalar_t* dy, const scalar_t* x,
+                   const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* b,
+                   const at::opmath_type<scalar_t>* mean_in, const at::opmath_type<scalar_t>* rstd_in, bool silu,
+                   scalar_t* dx, std::vector<double>& ds, std::vector<double>& dsx) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  const int64_t C = a.channels, cpg = C / a.groups;
+  const int64_t blocks = (a.hw + kPixels - 1) / kPixels;
+  // per-(n, c) folds and xhat = x rstd - mean rstd
+  std::vector<acc_t> scale(a.batch * C), shift(a.batch * C), xs_scale(a.batch * C), xs_shift(a.batch * C);
+  for (int64_t n = 0; n < a.batch; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t ng = n * a.groups + c / cpg;
+      const double mean = mean_in[ng], rstd = rstd_in[ng];
+      const Fold f = fold(mean, rstd, param(w, c, 1.0), param(b, c, 0.0));
+      scale[n * C + c] = acc_t(f.scale);
+      shift[n * C + c] = acc_t(f.shift);
+      xs_scale[n * C + c] = acc_t(rstd);
+      xs_shift[n * C + c] = acc_t(-mean * rstd);
+    }
+  }
+  // pass 1: per-(n, block, c) sums of da and da * xhat
+  std::vector<acc_t> part(a.batch * blocks * C * 2);
+  parallel_over_pixel_blocks(a, [&](int64_t n, int64_t blk, int64_t p0, int64_t p1) {
+    acc_t* s1 = &part[((n * blocks + blk) * 2) * C];
+    acc_t* s2 = s1 + C;
+    vector_steps<scalar_t>(0, C, [&](int64_t c, int64_t len) {
+      const int64_t nc = n * C + c;
+      const Vec sc = Vec::loadu(&scale[nc], len), sh = Vec::loadu(&shift[nc], len);
+      const Vec xsc = Vec::loadu(&xs_scale[nc], len), xsh = Vec::loadu(&xs_shift[nc], len);
+      Vec a1(acc_t(0)), a2(acc_t(0));
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t off = (n * a.hw + p) * C + c;
+        const Vec xv = IO::load(x + off, len);
+        const Vec da = norm_act_grad(xv, sc, sh, IO::load(dy + off, len), silu);
+        a1 = a1 + da;
+        a2 = at::vec::fmadd(da, at::vec::fmadd(xv, xsc, xsh), a2);
+      }
+      a1.store(s1 + c, len);
+      a2.store(s2 + c, len);
+    });
+  });
+  std::vector<acc_t> c2(a.batch * C), c3(a.batch * C);
+  for (int64_t n = 0; n < a.batch; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      double s1 = 0, s2 = 0;
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        s1 += part[((n * blocks + blk) * 2) * C + c];
+        s2 += part[((n * blocks + blk) * 2 + 1) * C + c];
+      }
+      ds[n * C + c] = s1;
+      dsx[n * C + c] = s2;
+    }
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const int64_t ng = n * a.groups + g, c0 = g * cpg;
+      const DxCoeffs k2 = dx_coeffs(&ds[n * C + c0], &dsx[n * C + c0], w, c0, cpg, double(cpg * a.hw),
+                                    double(mean_in[ng]), double(rstd_in[ng]));
+      std::fill(&c2[n * C + c0], &c2[n * C + c0] + cpg, acc_t(k2.c2));
+      std::fill(&c3[n * C + c0], &c3[n * C + c0] + cpg, acc_t(k2.c3));
+    }
+  }
+  // pass 2: dx = scale da + c2 x + c3
+  parallel_over_pixel_blocks(a, [&](int64_t n, int64_t, int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t off = (n * a.hw + p) * C;
+      vector_steps<scalar_t>(0, C, [&](int64_t c, int64_t len) {
+        const int64_t nc = n * C + c;
+        const Vec sc = Vec::loadu(&scale[nc], len);
+        const Vec xv = IO::load(x + off + c, len);
+        const Vec da = norm_act_grad(xv, sc, Vec::loadu(&shift[nc], len), IO::load(dy + off + c, len), silu);
+        const Vec lin = at::vec::fmadd(Vec::loadu(&c2[nc], len), xv, Vec::loadu(&c3[nc], len));
+        IO::store(dx + off + c, at::vec::fmadd(sc, da, lin), len);
+      });
+    }
+  });
+}
+
+// ---- entry points ----------------------------------------------------------------------
+
+template <typename T>
+const T* optional_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    int64_t num_groups, double eps, bool silu) {
+  const GroupNormArgs a = check_group_norm_args(x, weight, bias, num_groups, eps);
+  const auto acc = at::toOpMathType(x.scalar_type());
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({a.batch, a.groups}, x.options().dtype(acc));
+  at::Tensor rstd = at::empty({a.batch, a.groups}, x.options().dtype(acc));
+  if (x.numel() == 0) {
+    mean.fill_(NAN);  // the statistics of an empty group, as torch's group_norm gives
+    rstd.fill_(NAN);
+    return {y, mean, rstd};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto run = a.channels_last ? forward_nhwc<scalar_t> : forward_nchw<scalar_t>;
+    run(a, x.const_data_ptr<scalar_t>(), optional_ptr<acc_t>(weight), optional_ptr<acc_t>(bias), eps, silu,
+        y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>());
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
+    bool silu) {
+  const GroupNormArgs a = check_group_norm_args(x, weight, bias, num_groups, 1.0);
+  check_group_stats(mean, rstd, x, a);
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.strides() == x.strides() &&
+                  grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
+              "fastdiff: grad_y must match x in shape, strides, dtype and device");
+  const auto acc = at::toOpMathType(x.scalar_type());
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_w = at::zeros({weight.has_value() ? a.channels : 0}, x.options().dtype(acc));
+  at::Tensor grad_b = at::zeros({bias.has_value() ? a.channels : 0}, x.options().dtype(acc));
+  if (x.numel() == 0) return {grad_x, grad_w, grad_b};
+  std::vector<double> ds(a.batch * a.channels), dsx(a.batch * a.channels);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto run = a.channels_last ? backward_nhwc<scalar_t> : backward_nchw<scalar_t>;
+    run(a, grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), optional_ptr<acc_t>(weight),
+        optional_ptr<acc_t>(bias), mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), silu,
+        grad_x.mutable_data_ptr<scalar_t>(), ds, dsx);
+    reduce_param_grads<acc_t>(ds, dsx, a.batch, a.channels, grad_w, grad_b);
+  });
+  return {grad_x, grad_w, grad_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdiff, CPU, m) {
+  m.impl("group_norm_silu", &group_norm_silu_cpu);
+  m.impl("_group_norm_silu_bwd", &group_norm_silu_bwd_cpu);
+}
+
+}  // namespace fastdiff::cpu

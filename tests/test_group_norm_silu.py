@@ -1,0 +1,207 @@
+"""group_norm_silu and nn.GroupNormSiLU vs F.group_norm + F.silu (PyTorch's own kernels) and
+diffusers' ResnetBlock2D norm/activation pair."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdiff
+from utils import REDUCED_DTYPES, assert_close, assert_within_eager_error, fused_backends_here
+
+BACKENDS = fused_backends_here("group_norm_silu")
+CASES = [  # (shape, groups)
+    ((2, 32, 5, 7), 8),      # odd spatial size
+    ((3, 16, 9), 1),         # 1-D, one group
+    ((2, 64, 4, 4), 32),     # two channels per group
+    ((2, 8, 3, 4, 5), 4),    # 3-D
+    ((4, 6), 3),             # no spatial dims
+]
+LARGE = ((2, 64, 48, 48), 32)  # several CPU chunks per channel
+
+
+def _inputs(shape, dtype=torch.float64, seed=0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + offset).to(dtype)
+    w = (1 + 0.3 * torch.randn(c, generator=g, dtype=torch.float64)).to(dtype)
+    b = (0.3 * torch.randn(c, generator=g, dtype=torch.float64)).to(dtype)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    return x, w, b, dy
+
+
+def _eager(x, groups, w, b, activation="silu"):
+    y = F.group_norm(x, groups, w, b, 1e-5)
+    return F.silu(y) if activation == "silu" else y
+
+
+def _layouts(x):
+    out = [("contiguous", x)]
+    if x.dim() == 4:
+        out.append(("channels_last", x.to(memory_format=torch.channels_last)))
+    if x.dim() == 5:
+        out.append(("channels_last_3d", x.to(memory_format=torch.channels_last_3d)))
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES + [LARGE])
+@pytest.mark.parametrize("activation", ["silu", None])
+def test_matches_torch_fp64(backend, case, activation):
+    shape, groups = case
+    if backend == "triton" and case == LARGE:
+        pytest.skip("interpreted Triton: small shapes only")
+    x0, w0, b0, dy = _inputs(shape)
+    for name, x in _layouts(x0):
+        x, w, b = (t.clone().requires_grad_(True) for t in (x, w0, b0))
+        y = fastdiff.group_norm_silu(x, groups, w, b, activation=activation, backend=backend)
+        xr, wr, br = (t.clone().requires_grad_(True) for t in (x0, w0, b0))
+        yr = _eager(xr, groups, wr, br, activation)
+        assert_close(y, yr, 1e-12, 1e-10, f"{name} y")
+        assert y.stride() == x.stride(), f"{name}: output layout {y.stride()} != input {x.stride()}"
+        got = torch.autograd.grad(y, (x, w, b), dy.to(memory_format=torch.contiguous_format))
+        want = torch.autograd.grad(yr, (xr, wr, br), dy)
+        for a, r, what in zip(got, want, ("dx", "dweight", "dbias")):
+            assert_close(a, r, 1e-10, 1e-9, f"{name} {what}")
+        assert got[0].stride() == x.stride()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_affine_and_weight_only(backend):
+    x, w, _, dy = _inputs((2, 16, 5, 5))
+    for weight, bias in ((None, None), (w, None)):
+        xs = x.clone().requires_grad_(True)
+        y = fastdiff.group_norm_silu(xs, 4, weight, bias, backend=backend)
+        xr = x.clone().requires_grad_(True)
+        yr = _eager(xr, 4, weight, bias)
+        assert_close(y, yr, 1e-12, 1e-10, "y")
+        assert_close(torch.autograd.grad(y, xs, dy)[0], torch.autograd.grad(yr, xr, dy)[0], 1e-10, 1e-9, "dx")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float32,) + REDUCED_DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_low_precision_within_eager_error(backend, dtype, channels_last):
+    shape, groups = ((2, 32, 12, 12), 8)
+    x64, w64, b64, dy64 = _inputs(shape)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    xl = x64.to(dtype).to(memory_format=fmt)
+    wl, bl, dyl = w64.to(dtype), b64.to(dtype), dy64.to(dtype)
+    # the truth: float64 math on the same (rounded) inputs
+    xt, wt, bt = (t.double().requires_grad_(True) for t in (xl, wl, bl))
+    yt = _eager(xt, groups, wt, bt)
+    gt = torch.autograd.grad(yt, (xt, wt, bt), dyl.double())
+    xf, wf, bf = (t.clone().requires_grad_(True) for t in (xl, wl, bl))
+    yf = fastdiff.group_norm_silu(xf, groups, wf, bf, backend=backend)
+    gf = torch.autograd.grad(yf, (xf, wf, bf), dyl)
+    xe, we, be = (t.clone().requires_grad_(True) for t in (xl, wl, bl))
+    ye = _eager(xe, groups, we, be)
+    ge = torch.autograd.grad(ye, (xe, we, be), dyl)
+    assert yf.dtype == dtype
+    assert_within_eager_error(yf, ye, yt, "y", floor=1e-6)
+    for a, e, t, what in zip(gf, ge, gt, ("dx", "dweight", "dbias")):
+        assert_within_eager_error(a, e, t, what, floor=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_mean_statistics(backend):
+    """|mean| >> std: the shifted sums keep the variance (sum of squares would cancel in fp32)."""
+    x, w, b, _ = _inputs((2, 16, 16, 16), dtype=torch.float32, offset=1000.0)
+    for _, xl in _layouts(x):
+        got = fastdiff.group_norm_silu(xl, 4, w, b, backend=backend).double()
+        want = _eager(x.double(), 4, w.double(), b.double())
+        assert_close(got, want, 2e-3, 1e-3, "y at mean 1000")
+
+
+def test_gradcheck_cpu():
+    x, w, b, _ = _inputs((2, 8, 3, 3))
+    for _, xl in _layouts(x):
+        args = [t.clone().requires_grad_(True) for t in (xl, w, b)]
+        assert torch.autograd.gradcheck(lambda x, w, b: fastdiff.group_norm_silu(x, 4, w, b, backend="cpu"), args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_backward(backend):
+    shape = (2, 64, 20, 20) if backend != "triton" else (2, 16, 6, 6)
+    x, w, b, dy = _inputs(shape, dtype=torch.float32)
+    for _, xl in _layouts(x):
+        runs = []
+        for _ in range(2):
+            args = [t.clone().requires_grad_(True) for t in (xl, w, b)]
+            y = fastdiff.group_norm_silu(*args[:1], 8, *args[1:], backend=backend)
+            runs.append((y,) + torch.autograd.grad(y, args, dy.to(memory_format=torch.contiguous_format)))
+        for a, b2 in zip(*runs):
+            assert torch.equal(a, b2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_input_and_empty_batch(backend):
+    x, w, b, _ = _inputs((2, 16, 6, 10))
+    strided = x[..., ::2]  # neither contiguous nor channels_last: copied, correctly
+    assert_close(fastdiff.group_norm_silu(strided, 4, w, b, backend=backend), _eager(strided, 4, w, b),
+                 1e-12, 1e-10, "strided")
+    empty = x[:0].clone().requires_grad_(True)
+    y = fastdiff.group_norm_silu(empty, 4, w, b, backend=backend)
+    assert y.shape == empty.shape
+    assert torch.autograd.grad(y.sum(), empty)[0].shape == empty.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_parameter_dtype(backend):
+    """bf16 activations with fp32 parameters (a model kept in fp32, activations cast): the
+    parameters are used in fp32 and their gradients come back in fp32."""
+    x, w, b, dy = _inputs((2, 16, 4, 4))
+    xb = x.to(torch.bfloat16).requires_grad_(True)
+    w32, b32 = (t.float().requires_grad_(True) for t in (w, b))
+    y = fastdiff.group_norm_silu(xb, 4, w32, b32, backend=backend)
+    assert y.dtype == torch.bfloat16
+    gx, gw, gb = torch.autograd.grad(y, (xb, w32, b32), dy.to(torch.bfloat16))
+    assert gx.dtype == torch.bfloat16 and gw.dtype == torch.float32 and gb.dtype == torch.float32
+    want = _eager(xb.detach().double(), 4, w.double(), b.double())
+    assert_close(y, want, 2e-2, 2e-2, "y")
+
+
+@pytest.mark.parametrize("bad, match, exc", [
+    (dict(num_groups=5), "must divide the number of channels C = 16", ValueError),
+    (dict(num_groups=0), "num_groups must be a positive int", ValueError),
+    (dict(weight=torch.ones(8)), r"weight must have shape \(16,\)", ValueError),
+    (dict(bias=torch.ones(16, dtype=torch.int64)), "bias must be float", TypeError),
+    (dict(x=torch.ones(2, 16, 4, dtype=torch.int32)), "x must be float", TypeError),
+    (dict(x=torch.ones(16)), "x must have at least 2 dims", ValueError),
+    (dict(eps=0.0), "eps must be a positive number", ValueError),
+    (dict(activation="gelu"), "activation must be one of", ValueError),
+])
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_bad_input(backend, bad, match, exc):
+    args = dict(x=torch.randn(2, 16, 4), num_groups=4, weight=torch.ones(16), bias=torch.zeros(16), eps=1e-5,
+                activation="silu")
+    args.update(bad)
+    with pytest.raises(exc, match=match):
+        fastdiff.group_norm_silu(**args, backend=backend)
+
+
+# -- the module -------------------------------------------------------------------------------
+def test_module_is_a_group_norm_and_loads_its_weights():
+    ref = torch.nn.GroupNorm(8, 32)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    mod = fastdiff.nn.GroupNormSiLU(8, 32)
+    assert isinstance(mod, torch.nn.GroupNorm)
+    assert mod.state_dict().keys() == ref.state_dict().keys()
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 32, 6, 6)
+    assert_close(mod(x), F.silu(ref(x)), 1e-5, 1e-5, "module")
+    plain = fastdiff.nn.GroupNormSiLU(8, 32, activation=None, affine=False)
+    assert_close(plain(x), F.group_norm(x, 8, eps=1e-5), 1e-5, 1e-5, "no activation, no affine")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fastdiff.nn.GroupNormSiLU(8, 32, activation="relu")
+
+
+def test_matches_diffusers_resnet_block_norm():
+    """diffusers' ResnetBlock2D runs norm1 then its nonlinearity (SiLU): the same numbers."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    block = ResnetBlock2D(in_channels=64, out_channels=64, temb_channels=None, groups=32).double()
+    x = torch.randn(2, 64, 8, 8, dtype=torch.float64)
+    fused = fastdiff.nn.GroupNormSiLU(32, 64, eps=block.norm1.eps).double()
+    fused.load_state_dict(block.norm1.state_dict())
+    assert_close(fused(x), block.nonlinearity(block.norm1(x)), 1e-12, 1e-10, "ResnetBlock2D norm1 + SiLU")
