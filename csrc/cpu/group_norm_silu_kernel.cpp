@@ -145,23 +145,28 @@ void backward_nchw(const GroupNormArgs& a, const scalar_t* dy, const scalar_t* x
   using Vec = typename IO::Vec;
   const int64_t cpg = a.channels / a.groups, hw = a.hw;
   at::parallel_for(0, a.batch * a.groups, 1, [&](int64_t lo, int64_t hi) {
+    // da of the group, kept from pass 1 for pass 2 (no second sigmoid; cache-resident)
+    std::vector<acc_t> da_buf(cpg * hw);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t n = task / a.groups, c0 = (task % a.groups) * cpg;
       const int64_t base = n * a.channels * hw;
       const double mean = mean_in[task], rstd = rstd_in[task];
       const Vec xhat_scale = Vec(acc_t(rstd)), xhat_shift = Vec(acc_t(-mean * rstd));
-      // pass 1: per-channel sums of da and da * xhat
+      // pass 1: da, and per-channel sums of da and da * xhat
       for (int64_t k = 0; k < cpg; ++k) {
         const int64_t c = c0 + k;
         const Fold f = fold(mean, rstd, param(w, c, 1.0), param(b, c, 0.0));
         const Vec scale(acc_t(f.scale)), shift(acc_t(f.shift));
+        const int64_t row = base + c * hw;
+        acc_t* da_row = da_buf.data() + k * hw;
         double s_da = 0, s_dax = 0;
         for (int64_t begin = 0; begin < hw; begin += kChunk) {
           Vec s1(acc_t(0)), s2(acc_t(0));
           vector_steps<scalar_t>(begin, std::min(begin + kChunk, hw), [&](int64_t i, int64_t len) {
-            const Vec xv = IO::load(x + base + c * hw + i, len);
+            const Vec xv = IO::load(x + row + i, len);
             // tail lanes load dy = 0, so da = 0 there
-            const Vec da = norm_act_grad(xv, scale, shift, IO::load(dy + base + c * hw + i, len), silu);
+            const Vec da = norm_act_grad(xv, scale, shift, IO::load(dy + row + i, len), silu);
+            da.store(da_row + i, len);
             s1 = s1 + da;
             s2 = at::vec::fmadd(da, at::vec::fmadd(xv, xhat_scale, xhat_shift), s2);
           });
@@ -174,16 +179,15 @@ void backward_nchw(const GroupNormArgs& a, const scalar_t* dy, const scalar_t* x
       const DxCoeffs k2 = dx_coeffs(&ds[n * a.channels + c0], &dsx[n * a.channels + c0], w, c0, cpg,
                                     double(cpg * hw), mean, rstd);
       const Vec c2(acc_t(k2.c2)), c3(acc_t(k2.c3));
-      // pass 2: dx (the group's x and dy are still in cache)
+      // pass 2: dx = scale da + c2 x + c3 (x and da still in cache)
       for (int64_t k = 0; k < cpg; ++k) {
         const int64_t c = c0 + k;
-        const Fold f = fold(mean, rstd, param(w, c, 1.0), param(b, c, 0.0));
-        const Vec scale(acc_t(f.scale)), shift(acc_t(f.shift));
+        const Vec scale(acc_t(fold(mean, rstd, param(w, c, 1.0), 0.0).scale));
         const int64_t row = base + c * hw;
+        const acc_t* da_row = da_buf.data() + k * hw;
         vector_steps<scalar_t>(0, hw, [&](int64_t i, int64_t len) {
-          const Vec xv = IO::load(x + row + i, len);
-          const Vec da = norm_act_grad(xv, scale, shift, IO::load(dy + row + i, len), silu);
-          IO::store(dx + row + i, at::vec::fmadd(scale, da, at::vec::fmadd(c2, xv, c3)), len);
+          const Vec lin = at::vec::fmadd(c2, IO::load(x + row + i, len), c3);
+          IO::store(dx + row + i, at::vec::fmadd(scale, Vec::loadu(da_row + i, len), lin), len);
         });
       }
     }
@@ -204,12 +208,6 @@ void parallel_over_pixel_blocks(const GroupNormArgs& a, const F& body) {
   });
 }
 
-// Per-(n, c) values expanded for vector loads over channels.
-template <typename acc_t>
-struct ChannelVectors {
-  std::vector<acc_t> scale, shift, c2, c3;
-};
-
 template <typename scalar_t>
 void forward_nhwc(const GroupNormArgs& a, const scalar_t* x, const at::opmath_type<scalar_t>* w,
                   const at::opmath_type<scalar_t>* b, double eps, bool silu, scalar_t* y,
@@ -219,25 +217,22 @@ void forward_nhwc(const GroupNormArgs& a, const scalar_t* x, const at::opmath_ty
   using Vec = typename IO::Vec;
   const int64_t C = a.channels, cpg = C / a.groups;
   const int64_t blocks = (a.hw + kPixels - 1) / kPixels;
-  // pass 1: per-(n, block, c) shifted sums about pixel 0 of the sample
+  // pass 1: per-(n, block, c) shifted sums about the sample's pixel 0
   std::vector<acc_t> part(a.batch * blocks * C * 2);
   parallel_over_pixel_blocks(a, [&](int64_t n, int64_t blk, int64_t p0, int64_t p1) {
     const scalar_t* xs = x + n * a.hw * C;
     acc_t* s1 = &part[((n * blocks + blk) * 2) * C];
     acc_t* s2 = s1 + C;
-    vector_steps<scalar_t>(0, C, [&](int64_t c, int64_t len) {
-      const Vec pilot = IO::load(xs + c, len);
-      Vec a1(acc_t(0)), a2(acc_t(0));
-      for (int64_t p = p0; p < p1; ++p) {
-        const Vec d = IO::load(xs + p * C + c, len) - pilot;
-        a1 = a1 + d;
-        a2 = at::vec::fmadd(d, d, a2);
-      }
-      a1.store(s1 + c, len);
-      a2.store(s2 + c, len);
-    });
+    std::fill(s1, s1 + 2 * C, acc_t(0));
+    // pixel-major: x streams in memory order; the 2C sums stay in L1
+    for (int64_t p = p0; p < p1; ++p) {
+      vector_steps<scalar_t>(0, C, [&](int64_t c, int64_t len) {
+        const Vec d = IO::load(xs + p * C + c, len) - IO::load(xs + c, len);
+        (Vec::loadu(s1 + c, len) + d).store(s1 + c, len);
+        at::vec::fmadd(d, d, Vec::loadu(s2 + c, len)).store(s2 + c, len);
+      });
+    }
   });
-  ChannelVectors<acc_t> cv{std::vector<acc_t>(C), std::vector<acc_t>(C), {}, {}};
   std::vector<ChannelSums> sums(C);
   for (int64_t n = 0; n < a.batch; ++n) {
     const scalar_t* xs = x + n * a.hw * C;
@@ -303,21 +298,19 @@ void backward_nhwc(const GroupNormArgs& a, const scalar_t* dy, const scalar_t* x
   parallel_over_pixel_blocks(a, [&](int64_t n, int64_t blk, int64_t p0, int64_t p1) {
     acc_t* s1 = &part[((n * blocks + blk) * 2) * C];
     acc_t* s2 = s1 + C;
-    vector_steps<scalar_t>(0, C, [&](int64_t c, int64_t len) {
-      const int64_t nc = n * C + c;
-      const Vec sc = Vec::loadu(&scale[nc], len), sh = Vec::loadu(&shift[nc], len);
-      const Vec xsc = Vec::loadu(&xs_scale[nc], len), xsh = Vec::loadu(&xs_shift[nc], len);
-      Vec a1(acc_t(0)), a2(acc_t(0));
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t off = (n * a.hw + p) * C + c;
-        const Vec xv = IO::load(x + off, len);
-        const Vec da = norm_act_grad(xv, sc, sh, IO::load(dy + off, len), silu);
-        a1 = a1 + da;
-        a2 = at::vec::fmadd(da, at::vec::fmadd(xv, xsc, xsh), a2);
-      }
-      a1.store(s1 + c, len);
-      a2.store(s2 + c, len);
-    });
+    std::fill(s1, s1 + 2 * C, acc_t(0));
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t off = (n * a.hw + p) * C;
+      vector_steps<scalar_t>(0, C, [&](int64_t c, int64_t len) {
+        const int64_t nc = n * C + c;
+        const Vec xv = IO::load(x + off + c, len);
+        const Vec da = norm_act_grad(xv, Vec::loadu(&scale[nc], len), Vec::loadu(&shift[nc], len),
+                                     IO::load(dy + off + c, len), silu);
+        const Vec xhat = at::vec::fmadd(xv, Vec::loadu(&xs_scale[nc], len), Vec::loadu(&xs_shift[nc], len));
+        (Vec::loadu(s1 + c, len) + da).store(s1 + c, len);
+        at::vec::fmadd(da, xhat, Vec::loadu(s2 + c, len)).store(s2 + c, len);
+      });
+    }
   });
   std::vector<acc_t> c2(a.batch * C), c3(a.batch * C);
   for (int64_t n = 0; n < a.batch; ++n) {
