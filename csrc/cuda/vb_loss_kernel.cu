@@ -13,8 +13,9 @@
 // partials in chunk order and divides by n log 2 (in float64, as on the CPU).
 //
 // With grad_scale != 0 stage 1 also writes grad_scale * d loss_b / d
-// (model_mean, model_log_variance) from the same exponentials, so the autograd
-// backward only rescales; the separate backward kernel remains the fallback.
+// (model_mean, model_log_variance) from the same exponentials (no second pass
+// when the upstream gradient is known up to a scale); the backward kernel
+// recomputes it from grad_loss.
 #include <torch/library.h>
 
 #include <cub/block/block_reduce.cuh>
@@ -71,8 +72,8 @@ __device__ __forceinline__ void vlb_pack(const VlbCoeffs<acc_t>& c, const acc_t 
 // Stage 1. Thread k of a block accumulates, in order, the packs at
 // chunk_begin + (p * kThreads + k) * kPack for p = 0 .. kPacks - 1; the block
 // then sums its threads with cub::BlockReduce (a fixed shuffle tree).
-// Lanes past n (element-wise path) load zeros, whose term is not 0 (the KL of
-// zeros is (-1 - lv1 + var1 + mean1^2) / 2), so they are skipped.
+// Lanes past n (element-wise path) load zeros, whose term is not 0 (the KL at
+// zeros is (var1 - 1 - lv1) / 2), so they are skipped.
 // kWriteGrad: also store grad_factor * VJP, grad_factor = grad_scale / (n log 2)
 // rounded to acc_t on the host; without it the grad pointers are unused.
 template <typename scalar_t, bool kAligned, bool kWriteGrad,
