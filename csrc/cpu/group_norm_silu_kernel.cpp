@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_utils.h"
@@ -280,6 +281,9 @@ void backward_nhwc(const GroupNormArgs& a, const scalar_t* dy, const scalar_t* x
   using Vec = typename IO::Vec;
   const int64_t C = a.channels, cpg = C / a.groups;
   const int64_t blocks = (a.hw + kPixels - 1) / kPixels;
+  // fp32 / fp64: pass 1 parks da in dx (exact) and pass 2 reads it back instead of a
+  // second sigmoid (the whole sample does not stay in cache here, unlike NC*'s group)
+  constexpr bool kKeepDa = std::is_same_v<scalar_t, acc_t>;
   // per-(n, c) folds and xhat = x rstd - mean rstd
   std::vector<acc_t> scale(a.batch * C), shift(a.batch * C), xs_scale(a.batch * C), xs_shift(a.batch * C);
   for (int64_t n = 0; n < a.batch; ++n) {
@@ -306,6 +310,7 @@ void backward_nhwc(const GroupNormArgs& a, const scalar_t* dy, const scalar_t* x
         const Vec xv = IO::load(x + off + c, len);
         const Vec da = norm_act_grad(xv, Vec::loadu(&scale[nc], len), Vec::loadu(&shift[nc], len),
                                      IO::load(dy + off + c, len), silu);
+        if constexpr (kKeepDa) IO::store(dx + off + c, da, len);
         const Vec xhat = at::vec::fmadd(xv, Vec::loadu(&xs_scale[nc], len), Vec::loadu(&xs_shift[nc], len));
         (Vec::loadu(s1 + c, len) + da).store(s1 + c, len);
         at::vec::fmadd(da, xhat, Vec::loadu(s2 + c, len)).store(s2 + c, len);
@@ -339,7 +344,8 @@ void backward_nhwc(const GroupNormArgs& a, const scalar_t* dy, const scalar_t* x
         const int64_t nc = n * C + c;
         const Vec sc = Vec::loadu(&scale[nc], len);
         const Vec xv = IO::load(x + off + c, len);
-        const Vec da = norm_act_grad(xv, sc, Vec::loadu(&shift[nc], len), IO::load(dy + off + c, len), silu);
+        const Vec da = kKeepDa ? IO::load(dx + off + c, len)
+                               : norm_act_grad(xv, sc, Vec::loadu(&shift[nc], len), IO::load(dy + off + c, len), silu);
         const Vec lin = at::vec::fmadd(Vec::loadu(&c2[nc], len), xv, Vec::loadu(&c3[nc], len));
         IO::store(dx + off + c, at::vec::fmadd(sc, da, lin), len);
       });
