@@ -22,6 +22,8 @@ def _op_cases():
     tab = S.table("cpu")
     post = S.posterior_table("cpu")
     m, x, noise, t = _tensors()
+    w, b = torch.randn(3), torch.randn(3)
+    _, mean, rstd = torch.ops.fastdiff.group_norm_silu(x, w, b, 3, 1e-5, True)
     ml, *_ = _tensors(learned=True)
     loss_grad = torch.randn(2)
     return {
@@ -41,6 +43,9 @@ def _op_cases():
         "vb_loss": (m, x - 5.0, x, noise, t, post, 0.5),
         "vb_loss_nograd": (m, x - 5.0, x, noise, t, post, 0.0),
         "_vb_loss_bwd": (loss_grad, m, x - 5.0, x, noise, t, post),
+        "group_norm_silu": (x, w, b, 3, 1e-5, True),
+        "group_norm_silu_channels_last": (x.to(memory_format=torch.channels_last), w, None, 1, 1e-5, False),
+        "_group_norm_silu_bwd": (m, x, w, b, mean, rstd, 3, True),
     }
 
 
@@ -53,7 +58,8 @@ def test_opcheck(namespace, name):
     args = list(_op_cases()[name])
     if not name.startswith("_"):  # forward ops: their first two inputs are differentiable
         args[:2] = [a.clone().requires_grad_(True) for a in args[:2]]
-    op = getattr(getattr(torch.ops, namespace), name.replace("_nograd", "").replace("_nonoise", "")).default
+    base = name.replace("_nograd", "").replace("_nonoise", "").replace("_channels_last", "")
+    op = getattr(getattr(torch.ops, namespace), base).default
     torch.library.opcheck(op, tuple(args))
 
 
@@ -68,7 +74,8 @@ def test_compile_fullgraph_forward_and_backward():
         prev = fastdiff.ddpm_step(m, t, x_t, S, noise=noise, backend="cpu")
         prev = fastdiff.ddim_step(m, t, t - 20, prev, S, eta=0.5, noise=noise, backend="cpu")
         vlb = fastdiff.vb_loss(prev, m - 5.0, x0, x_t, t, S, reduction="mean", backend="cpu")
-        return loss + prev.square().mean() + vlb
+        h = fastdiff.group_norm_silu(m * x0, 3, backend="cpu")
+        return loss + prev.square().mean() + vlb + h.square().mean()
 
     compiled = torch.compile(train_step, fullgraph=True, backend="aot_eager")
     got = compiled(m, x, noise, t)
