@@ -24,6 +24,7 @@ struct ElementOps<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   using scalar = T;
   static V exp(V v) { return v.exp(); }
+  static V exp_fast(V v) { return v.exp_u20(); }
   static V log(V v) { return v.log(); }
   static V tanh(V v) { return v.tanh(); }
   static V less(V a, V b) { return a < b; }

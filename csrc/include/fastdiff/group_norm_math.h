@@ -31,7 +31,7 @@ struct SiluAndGrad {
 template <typename V>
 FASTDIFF_HD V sigmoid(V a) {
   using S = typename ElementOps<V>::scalar;
-  return V(S(1)) / (V(S(1)) + ElementOps<V>::exp(V(S(0)) - a));
+  return V(S(1)) / (V(S(1)) + ElementOps<V>::exp_fast(V(S(0)) - a));
 }
 
 template <typename V>
