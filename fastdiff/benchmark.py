@@ -113,6 +113,10 @@ def compiled(fn):
         for name in ("recompile_limit", "cache_size_limit"):  # each shape x grad mode compiles anew
             if hasattr(dynamo.config, name):
                 setattr(dynamo.config, name, max(getattr(dynamo.config, name), 64))
+        # the bwd mode times backward(retain_graph=True), which donated buffers forbid
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
         _compiled[fn] = torch.compile(fn, dynamic=False)
     return _compiled[fn]
 
@@ -163,7 +167,8 @@ def make_runner(case: OpCase, provider: str, mode: str, inputs: dict) -> Callabl
     else:  # one random upstream gradient per output (ops like sample_and_kl return several)
         gen = torch.Generator(device="cpu").manual_seed(1234)
         outs = out if isinstance(out, tuple) else (out,)
-        grad_out = tuple(torch.randn(o.shape, generator=gen, dtype=o.dtype).to(o.device) for o in outs)
+        # in each output's layout, as autograd hands a channels_last output's gradient
+        grad_out = tuple(torch.empty_like(o).copy_(torch.randn(o.shape, generator=gen, dtype=o.dtype)) for o in outs)
         grad_out = grad_out if isinstance(out, tuple) else grad_out[0]
     if mode == "bwd":
         def run_bwd():
