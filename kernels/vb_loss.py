@@ -128,8 +128,8 @@ def _approx_normal_cdf(u, WITH_PDF: tl.constexpr):
 @triton.jit
 def _decoder_term(m, lv, x, g, WITH_GRAD: tl.constexpr):
     """(nll, d m, d lv) per element at t == 0 (vlb_math.h decoder_bin,
-    vlb_decoder_nll(_with_grad)); without WITH_GRAD the gradients are
-    placeholders (nll)."""
+    vlb_decoder_nll(_with_grad)); without WITH_GRAD the second and third
+    values are the nll again, unused by the caller (a jit function returns one shape)."""
     inv_std = _exp(-0.5 * lv)
     centered = x - m
     u_plus = inv_std * (centered + 1.0 / 255.0)
@@ -160,7 +160,7 @@ def _decoder_term(m, lv, x, g, WITH_GRAD: tl.constexpr):
 @triton.jit
 def _kl_term(m, lv, x0, xt, c_x0, c_xt, lv1, var1, g, WITH_GRAD: tl.constexpr):
     """(kl, d m, d lv) per element at t > 0 (vlb_math.h vlb_kl(_with_grad));
-    without WITH_GRAD the gradients are placeholders (kl)."""
+    without WITH_GRAD the second and third values are the kl again, unused."""
     d = c_x0 * x0 + c_xt * xt - m
     e = _exp(-lv)
     if WITH_GRAD:
