@@ -76,7 +76,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import batch_flat, memory_order
 from .q_sample import (
     CONFIG_DTYPES,
     NUM_WARPS,
@@ -86,6 +85,7 @@ from .q_sample import (
     _sqrt,
     _to_out,
     batch_slices,
+    check_like,
     kernel_config,
 )
 
@@ -593,12 +593,7 @@ def group_norm_silu_fwd(x, weight, bias, num_groups, eps, silu):
 
 
 def _check_bwd_args(grad_y, x, mean, rstd, acc, batch, num_groups):
-    if (grad_y.dtype != x.dtype or grad_y.shape != x.shape or grad_y.device != x.device
-            or not batch_flat(grad_y) or memory_order(grad_y) != memory_order(x)):
-        raise ValueError(f"fastdiff triton: grad_y must match x (dtype, shape, device, "
-                         f"strides), got {grad_y.dtype} {tuple(grad_y.shape)} "
-                         f"{grad_y.stride()} on {grad_y.device} for {x.dtype} "
-                         f"{tuple(x.shape)} {x.stride()} on {x.device}")
+    check_like(grad_y, "grad_y", x, "x")
     for name, v in (("mean", mean), ("rstd", rstd)):
         if (v.dtype != acc or v.shape != (batch, num_groups) or not v.is_contiguous()
                 or v.device != x.device):

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ..ops._common import batch_flat, memory_order
+
 # Elements per program of the element-wise kernels: 8 per thread at 4 warps,
 # i.e. 128-bit accesses for 16-bit dtypes and two for fp32.
 BLOCK = 1024
@@ -169,6 +171,17 @@ def check_inputs(ref, table, *ts):
         if t.device != ref.device:
             raise ValueError(f"fastdiff triton: {t.device} tensor given for {ref.device} inputs")
     return acc
+
+
+def check_like(x, name, ref, ref_name):
+    """x matches ref in dtype, shape and device, and lays out memory the same way (dense,
+    batch outer; strides of size-1 dims do not matter)."""
+    if (x.dtype != ref.dtype or x.shape != ref.shape or x.device != ref.device
+            or not batch_flat(x) or memory_order(x) != memory_order(ref)):
+        raise ValueError(f"fastdiff triton: {name} must match {ref_name} (dtype, shape, device, "
+                         f"strides), got {x.dtype} {tuple(x.shape)} {x.stride()} on "
+                         f"{x.device} for {ref.dtype} {tuple(ref.shape)} "
+                         f"{ref.stride()} on {ref.device}")
 
 
 def batch_slices(batch):

@@ -26,7 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import batch_flat, memory_order
 from .q_sample import (
     CONFIG_DTYPES,
     NUM_WARPS,
@@ -35,6 +34,7 @@ from .q_sample import (
     _sample_block,
     _to_out,
     batch_slices,
+    check_like,
     kernel_config,
     per_sample,
 )
@@ -141,16 +141,6 @@ def _sample_and_kl_bwd_kernel(
 # ---------------------------------------------------------------------------
 # Launchers (signatures of torch.ops.fastdiff.sample_and_kl / _sample_and_kl_bwd).
 # ---------------------------------------------------------------------------
-def _check_like(x, name, mean):
-    # Same element order in memory (strides of size-1 dims do not matter), dense, batch outer.
-    if (x.dtype != mean.dtype or x.shape != mean.shape or x.device != mean.device
-            or not batch_flat(x) or memory_order(x) != memory_order(mean)):
-        raise ValueError(f"fastdiff triton: {name} must match mean (dtype, shape, device, "
-                         f"strides), got {x.dtype} {tuple(x.shape)} {x.stride()} on "
-                         f"{x.device} for {mean.dtype} {tuple(mean.shape)} "
-                         f"{mean.stride()} on {mean.device}")
-
-
 def check_gaussian_inputs(mean, logvar, noise):
     """Cheap contract checks (dtype, shape, device, strides; the Python API
     checks density); returns the compute dtype A (the dtype of kl)."""
@@ -158,9 +148,9 @@ def check_gaussian_inputs(mean, logvar, noise):
         raise TypeError(f"fastdiff triton: unsupported dtype {mean.dtype}")
     if mean.dim() == 0:
         raise ValueError("fastdiff triton: mean must have a batch dimension")
-    _check_like(logvar, "logvar", mean)
+    check_like(logvar, "logvar", mean, "mean")
     if noise is not None:
-        _check_like(noise, "noise", mean)
+        check_like(noise, "noise", mean, "mean")
     return torch.float64 if mean.dtype == torch.float64 else torch.float32
 
 
@@ -200,7 +190,7 @@ def sample_and_kl_bwd(grad_z, grad_kl, mean, logvar, noise):
     if grad_z is not None:
         if noise is None:
             raise ValueError("fastdiff triton: grad_z given without the noise that made z")
-        _check_like(grad_z, "grad_z", mean)
+        check_like(grad_z, "grad_z", mean, "mean")
     if (grad_kl.dtype != acc or grad_kl.shape != (mean.shape[0],)
             or grad_kl.device != mean.device):
         raise ValueError(f"fastdiff triton: grad_kl must be {acc} of shape "

@@ -61,10 +61,10 @@ from .q_sample import (
     _to_out,
     batch_slices,
     check_inputs,
+    check_like,
     kernel_config,
     per_sample,
 )
-from .sample_and_kl import _check_like
 
 # Elements per stage-1 program (one partial sum each). Fixed: the reduction
 # tree, hence the bits of the loss, depend only on the shape. 1024, not
@@ -303,7 +303,7 @@ def check_vb_inputs(model_mean, model_log_variance, x0, x_t, t, posterior):
     if model_mean.dim() == 0:
         raise ValueError("fastdiff triton: model_mean must have a batch dimension")
     for x, name in ((model_log_variance, "model_log_variance"), (x0, "x0"), (x_t, "x_t")):
-        _check_like(x, name, model_mean)
+        check_like(x, name, model_mean, "model_mean")
     return acc
 
 

@@ -388,9 +388,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_cpu(
     bool silu) {
   const GroupNormArgs a = check_group_norm_args(x, weight, bias, num_groups, 1.0);
   check_group_stats(mean, rstd, x, a);
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.strides() == x.strides() &&
-                  grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
-              "fastdiff: grad_y must match x in shape, strides, dtype and device");
+  check_like(grad_y, "grad_y", x, "x");
   const auto acc = at::toOpMathType(x.scalar_type());
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_w = at::zeros({weight.has_value() ? a.channels : 0}, x.options().dtype(acc));

@@ -6,7 +6,7 @@ import torch
 
 from .. import reference
 from .._backend import select
-from ._common import FLOAT_DTYPES, check_choice, check_tensor, op_namespace, opmath_dtype, register
+from ._common import FLOAT_DTYPES, check_choice, check_tensor, match_layout, op_namespace, opmath_dtype, register
 
 ACTIVATIONS = reference.ACTIVATIONS
 
@@ -87,10 +87,8 @@ def _make_backward(bwd_op):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         if grad_y is None:
             return (None,) * 6
-        # the kernels take grad_y in x's layout
-        if grad_y.stride() != x.stride():
-            grad_y = torch.empty_like(x).copy_(grad_y)
-        grad_x, grad_w, grad_b = bwd_op(grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.silu)
+        grad_x, grad_w, grad_b = bwd_op(match_layout(grad_y, x), x, weight, bias, mean, rstd, ctx.num_groups,
+                                        ctx.silu)
         return (grad_x if ctx.needs_input_grad[0] else None, grad_w if ctx.needs_input_grad[1] else None,
                 grad_b if ctx.needs_input_grad[2] else None, None, None, None)
 
