@@ -64,6 +64,16 @@ TORCH_LIBRARY(fastdiff, m) {
       "_group_norm_silu_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, "
       "Tensor rstd, int num_groups, bool silu) -> (Tensor grad_x, Tensor grad_weight, "
       "Tensor grad_bias)");
+  // Attention, non-causal, no N x N tensor (attention_math.h). q: (B, H, Nq, D),
+  // k / v: (B, H, Nk, D), head dim contiguous (stride 1), other strides free.
+  // out: (B, H, Nq, D) stored as (B, Nq, H, D) memory (a free view to (B, Nq, H * D)
+  // for the output projection); lse: (B, H, Nq) contiguous, accumulation type,
+  // lse = log sum_j exp(scale q.k_j). grad_out: any strides, head dim contiguous.
+  // grad_q / grad_k / grad_v: stored as (B, N, H, D) memory like out.
+  m.def("attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
 
 // Importable as a Python module so `import fastdiff._C` loads the library.

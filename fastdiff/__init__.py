@@ -10,6 +10,7 @@ from . import nn
 from ._backend import BACKENDS, BackendError, use_backend
 from ._info import info
 from .distributions import DiagonalGaussian
+from .ops.attention import attention
 from .ops.ddim_step import ddim_step
 from .ops.ddpm_step import ddpm_step
 from .ops.diffusion_loss import diffusion_loss
@@ -26,6 +27,7 @@ __all__ = [
     "BackendError",
     "DiagonalGaussian",
     "NoiseSchedule",
+    "attention",
     "ddim_step",
     "ddpm_step",
     "diffusion_loss",

@@ -17,10 +17,17 @@ import torch
 
 from . import _C_loader
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
+BACKENDS = ("reference", "cpu", "cuda", "triton", "sdpa", "xformers")
+# Backends that run one op only: other libraries' kernels for it.
+OP_ONLY = {"sdpa": "attention", "xformers": "attention"}
 # Auto priority per device type. On CUDA the C++ kernels come first: for these
 # memory-bound elementwise ops both fused backends move the same bytes.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+# Per-op overrides. attention on CPU: fastdiff's kernel measured faster than SDPA
+# (benchmarks/results/cpu_attention.txt). On CUDA SDPA (FlashAttention-2 on tensor
+# cores) first: fastdiff's CUDA/Triton attention kernels have not been timed on a GPU.
+OP_AUTO_ORDER = {"attention": {"cuda": ("sdpa", "triton", "cuda", "reference"),
+                               "cpu": ("cpu", "sdpa", "reference")}}
 
 _current = contextvars.ContextVar("fastdiff_backend", default=None)
 
@@ -75,7 +82,15 @@ def interpret_mode() -> bool:
 def reasons_not_usable(name: str, op: str, device: torch.device) -> list[str]:
     """Why ``name`` cannot run ``op`` on ``device`` (empty list: it can)."""
     why = []
-    if name == "reference":
+    if name in OP_ONLY and op != OP_ONLY[name]:
+        return [f"{name} runs only fastdiff.{OP_ONLY[name]}"]
+    if name in ("reference", "sdpa"):
+        return why
+    if name == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            why.append("xformers is not installed (pip install xformers)")
+        elif device.type != "cuda":
+            why.append(f"tensors are on {device}, xformers' memory_efficient_attention needs CUDA tensors")
         return why
     if name in ("cpu", "cuda"):
         if not _C_loader.loaded_main:
@@ -112,11 +127,14 @@ def select(op: str, device: torch.device, backend=None) -> str:
         if why:
             lines = [f"backend {name!r} (from {source}) cannot run fastdiff.{op} on {device}:"]
             for b in BACKENDS:
+                if b in OP_ONLY and OP_ONLY[b] != op and b != name:
+                    continue
                 r = reasons_not_usable(b, op, device)
                 lines.append(f"  {b}: {'usable' if not r else '; '.join(r)}")
             raise BackendError("\n".join(lines))
         return name
-    for b in AUTO_ORDER.get(device.type, ("reference",)):
+    order = OP_AUTO_ORDER.get(op, AUTO_ORDER).get(device.type, ("reference",))
+    for b in order:
         if not reasons_not_usable(b, op, device):
             return b
     return "reference"

@@ -6,7 +6,7 @@ import platform
 import torch
 
 from . import _C_loader
-from ._backend import BACKENDS, reasons_not_usable
+from ._backend import BACKENDS, OP_ONLY, reasons_not_usable
 from .ops import OPS
 
 
@@ -50,7 +50,7 @@ def info(as_dict: bool = False):
             "load errors": dict(_C_loader.errors),
         },
         "backends": {
-            str(dev): {b: (reasons_not_usable(b, "q_sample", dev) or "usable") for b in BACKENDS}
+            str(dev): {b: (reasons_not_usable(b, OP_ONLY.get(b, "q_sample"), dev) or "usable") for b in BACKENDS}
             for dev in devices
         },
     }

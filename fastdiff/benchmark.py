@@ -38,14 +38,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ._backend import reasons_not_usable
+from ._backend import OP_ONLY, reasons_not_usable
 from .ops import OPS
 
 MODES = ("fwd", "bwd", "full")
 SIZES = {"small": (16, 4, 32, 32), "sd": (64, 4, 64, 64), "pixel": (256, 3, 64, 64)}
 DEFAULT_SIZES = ("small", "sd", "pixel")
-PROVIDERS = ("reference", "compile", "cpu", "cuda", "triton")
-BACKEND_PROVIDERS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+PROVIDERS = ("reference", "compile", "cpu", "cuda", "triton", "sdpa", "xformers")
+BACKEND_PROVIDERS = {"cpu": ("cpu", "sdpa"), "cuda": ("cuda", "triton", "sdpa", "xformers")}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 CSV_COLUMNS = ("op", "provider", "mode", "metric", "unit", "x_name", "x_value", "p50", "p20", "p80", "config",
@@ -83,6 +83,8 @@ class OpCase:
     bytes_doc: dict
     scalar_output: bool = False
     sizes: tuple = ()  # the op's own default shapes (else --sizes' default)
+    # (mode, shape, dtype) -> bytes, for ops whose shape is not one sample's (attention)
+    bytes_fn: Callable | None = None
 
     def numel(self, shape) -> int:
         n = 1
@@ -91,6 +93,8 @@ class OpCase:
         return n
 
     def nbytes(self, mode: str, shape, dtype) -> int:
+        if self.bytes_fn is not None:
+            return self.bytes_fn(mode, shape, dtype)
         return self.moved[mode] * self.numel(shape) * torch.empty((), dtype=dtype).element_size()
 
 
@@ -128,7 +132,7 @@ def provider_fn(case: OpCase, provider: str) -> Callable:
     if provider == "compile":
         fn = compiled(case.reference)
         return lambda inp: case.call(fn, inp)
-    if provider in ("cpu", "cuda", "triton"):
+    if provider in ("cpu", "cuda", "triton", "sdpa", "xformers"):
         return lambda inp: case.call(case.api, inp, backend=provider)
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
@@ -531,6 +535,8 @@ def main(argv=None) -> int:
         case = load_case(op)
         providers, skipped = [], []
         for p in requested:
+            if OP_ONLY.get(p, op) != op:
+                continue  # another op's provider (sdpa, xformers: attention only)
             why = provider_skip_reason(case, p, device)
             (skipped.append((p, why)) if why else providers.append(p))
         for p, why in skipped:
@@ -590,6 +596,8 @@ def pytest_params(case: OpCase):
     sizes = _split(os.environ.get("FASTDIFF_BENCH_SIZES", default))
     params = []
     for p in PROVIDERS:
+        if OP_ONLY.get(p, case.op) != case.op:
+            continue
         why = provider_skip_reason(case, p, device)
         if p == "compile" and os.environ.get("FASTDIFF_BENCH_COMPILE", "0") in ("", "0"):
             why = "torch.compile cases are opt-in: set FASTDIFF_BENCH_COMPILE=1"

@@ -239,3 +239,79 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, activation=
     """GroupNorm then SiLU, as every ResNet block of a diffusion U-Net / the SD VAE runs them."""
     y = torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
     return torch.nn.functional.silu(y) if activation == "silu" else y
+
+
+def attention(q, k, v, scale=None):
+    """softmax(scale q k^T) v with the (Nq, Nk) scores materialized, as an eager U-Net computes
+    it (ADM's QKVAttention: scores in the input dtype, fp16 / bf16 softmax in fp32, cast back).
+    q: (B, H, Nq, D), k / v: (B, H, Nk, D); scale defaults to 1 / sqrt(D)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    weights = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if weights.dtype in (torch.float16, torch.bfloat16):
+        weights = weights.float()
+    weights = torch.softmax(weights, dim=-1).to(q.dtype)
+    return torch.matmul(weights, v)
+
+
+def attention_heads(channels, num_heads=None, num_head_channels=-1):
+    """Head count of a U-Net attention block: num_head_channels channels per head when given
+    (!= -1), else num_heads heads (1 when None), as ADM's AttentionBlock decides."""
+    if num_head_channels != -1:
+        if num_head_channels <= 0 or channels % num_head_channels:
+            raise ValueError(f"num_head_channels = {num_head_channels} must be positive and divide "
+                             f"channels = {channels}")
+        return channels // num_head_channels
+    heads = 1 if num_heads is None else num_heads
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0 or channels % heads:
+        raise ValueError(f"num_heads = {num_heads!r} must be a positive int dividing channels = {channels}")
+    return heads
+
+
+class AttentionBlock(torch.nn.Module):
+    """The self-attention block of a DDPM/ADM U-Net, eager (improved-diffusion's AttentionBlock
+    with its default "legacy" head order: each head's q, k, v channels are adjacent in the
+    qkv projection's output). GroupNorm -> 1x1 conv to 3C -> per-head softmax(q k^T / sqrt(d)) v
+    -> 1x1 output conv (zero-initialized, as ADM does) -> + x.
+
+    context_dim: the block also attends to a context (B, L, context_dim), projected to keys and
+    values by ``encoder_kv`` and put before the image tokens (GLIDE's text-conditioned U-Net).
+    """
+
+    def __init__(self, channels, num_heads=None, num_head_channels=-1, norm_groups=32, context_dim=None):
+        super().__init__()
+        self.channels = channels
+        self.num_heads = attention_heads(channels, num_heads, num_head_channels)
+        self.norm = torch.nn.GroupNorm(norm_groups, channels)
+        self.qkv = torch.nn.Conv1d(channels, 3 * channels, 1)
+        self.encoder_kv = None if context_dim is None else torch.nn.Conv1d(context_dim, 2 * channels, 1)
+        self.proj_out = torch.nn.Conv1d(channels, channels, 1)
+        torch.nn.init.zeros_(self.proj_out.weight)
+        torch.nn.init.zeros_(self.proj_out.bias)
+
+    def check_context(self, x, context):
+        if x.dim() < 3 or x.shape[1] != self.channels:
+            raise ValueError(f"x must have shape (B, {self.channels}, *spatial), got {tuple(x.shape)}")
+        if (context is None) != (self.encoder_kv is None):
+            raise ValueError("context must be given exactly when the block was built with context_dim "
+                             f"(context_dim={None if self.encoder_kv is None else self.encoder_kv.in_channels}, "
+                             f"context {'missing' if context is None else 'given'})")
+        if context is not None and (context.dim() != 3 or context.shape[0] != x.shape[0]
+                                    or context.shape[2] != self.encoder_kv.in_channels):
+            raise ValueError(f"context must have shape ({x.shape[0]}, L, {self.encoder_kv.in_channels}), "
+                             f"got {tuple(context.shape)}")
+
+    def forward(self, x, context=None):
+        self.check_context(x, context)
+        b, c, *spatial = x.shape
+        heads, ch = self.num_heads, c // self.num_heads
+        x_flat = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(x_flat)).reshape(b * heads, 3 * ch, -1)
+        q, k, v = qkv.split(ch, dim=1)  # (B * heads, ch, N) each
+        if context is not None:
+            ekv = self.encoder_kv(context.transpose(1, 2)).reshape(b * heads, 2 * ch, -1)
+            ek, ev = ekv.split(ch, dim=1)
+            k, v = torch.cat([ek, k], dim=-1), torch.cat([ev, v], dim=-1)
+        a = attention(q.transpose(1, 2).unsqueeze(1), k.transpose(1, 2).unsqueeze(1),
+                      v.transpose(1, 2).unsqueeze(1))  # (B * heads, 1, N, ch)
+        a = a.squeeze(1).transpose(1, 2).reshape(b, c, -1)
+        return (x_flat + self.proj_out(a)).reshape(b, c, *spatial)

@@ -26,6 +26,8 @@ def _op_cases():
     _, mean, rstd = torch.ops.fastdiff.group_norm_silu(x, w, b, 3, 1e-5, True)
     ml, *_ = _tensors(learned=True)
     loss_grad = torch.randn(2)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=torch.Generator().manual_seed(n)) for n in (5, 7, 7))
+    out, lse = torch.ops.fastdiff.attention(q, k, v, 0.3)
     return {
         "q_sample": (x, noise, t, tab),
         "_q_sample_bwd": (x, t, tab),
@@ -46,6 +48,9 @@ def _op_cases():
         "group_norm_silu": (x, w, b, 3, 1e-5, True),
         "group_norm_silu_channels_last": (x.to(memory_format=torch.channels_last), w, None, 1, 1e-5, False),
         "_group_norm_silu_bwd": (m, x, w, b, mean, rstd, 3, True),
+        "attention": (q, k, v, 0.3),
+        "attention_strided": (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, 0.3),
+        "_attention_bwd": (torch.randn_like(q), q, k, v, out, lse, 0.3),
     }
 
 
@@ -58,7 +63,7 @@ def test_opcheck(namespace, name):
     args = list(_op_cases()[name])
     if not name.startswith("_"):  # forward ops: their first two inputs are differentiable
         args[:2] = [a.clone().requires_grad_(True) for a in args[:2]]
-    base = name.replace("_nograd", "").replace("_nonoise", "").replace("_channels_last", "")
+    base = name.replace("_nograd", "").replace("_nonoise", "").replace("_channels_last", "").replace("_strided", "")
     op = getattr(getattr(torch.ops, namespace), base).default
     torch.library.opcheck(op, tuple(args))
 
@@ -75,7 +80,9 @@ def test_compile_fullgraph_forward_and_backward():
         prev = fastdiff.ddim_step(m, t, t - 20, prev, S, eta=0.5, noise=noise, backend="cpu")
         vlb = fastdiff.vb_loss(prev, m - 5.0, x0, x_t, t, S, reduction="mean", backend="cpu")
         h = fastdiff.group_norm_silu(m * x0, 3, backend="cpu")
-        return loss + prev.square().mean() + vlb + h.square().mean()
+        tokens = h.flatten(2).transpose(1, 2).unsqueeze(1)  # (B, 1, HW, C)
+        a = fastdiff.attention(tokens, tokens, m.flatten(2).transpose(1, 2).unsqueeze(1), backend="cpu")
+        return loss + prev.square().mean() + vlb + h.square().mean() + a.square().mean()
 
     compiled = torch.compile(train_step, fullgraph=True, backend="aot_eager")
     got = compiled(m, x, noise, t)

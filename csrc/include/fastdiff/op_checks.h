@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 
+#include "fastdiff/attention_math.h"
 #include "fastdiff/schedule_math.h"
 
 namespace fastdiff {
@@ -250,6 +251,59 @@ inline void check_group_stats(const at::Tensor& mean, const at::Tensor& rstd, co
                 "fastdiff: mean and rstd must be contiguous ", acc, " of shape (", a.batch, ", ", a.groups,
                 "), got ", p->scalar_type(), " ", p->sizes());
   }
+}
+
+// Attention (attention_math.h): q (B, H, Nq, D), k / v (B, H, Nk, D), same dtype and
+// device, head dim contiguous, 1 <= D <= kMaxHeadDim, Nk >= 1 (when Nq >= 1).
+struct AttentionArgs {
+  int64_t batch, heads, q_len, kv_len, head_dim;
+};
+
+inline void check_head_dim_contiguous(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 4, "fastdiff: attention needs ", name, " of shape (B, H, N, D), got ", x.sizes());
+  TORCH_CHECK(x.size(3) <= 1 || x.stride(3) == 1 || x.numel() == 0, "fastdiff: ", name,
+              " must have a contiguous head dim (stride 1), got strides ", x.strides());
+}
+
+inline AttentionArgs check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_floating(q, "q");
+  check_head_dim_contiguous(q, "q");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{k, "k"}, {v, "v"}}) {
+    check_head_dim_contiguous(t, name);
+    TORCH_CHECK(t.scalar_type() == q.scalar_type() && t.device() == q.device(), "fastdiff: ", name,
+                " must match q's dtype and device, got ", t.scalar_type(), " on ", t.device());
+    TORCH_CHECK(t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(3) == q.size(3), "fastdiff: ", name,
+                " of shape ", t.sizes(), " does not match q of shape ", q.sizes(), " in B, H or D");
+  }
+  TORCH_CHECK(v.size(2) == k.size(2), "fastdiff: v of shape ", v.sizes(), " and k of shape ", k.sizes(),
+              " differ in length");
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, "fastdiff: head dim ", q.size(3), " outside [1, ",
+              kMaxHeadDim, "]");
+  TORCH_CHECK(k.size(2) >= 1 || q.size(2) == 0 || q.size(0) * q.size(1) == 0,
+              "fastdiff: attention needs at least one key, got k of shape ", k.sizes());
+  return {q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
+}
+
+// out, grad_q, grad_k, grad_v: (B, H, N, D) views of (B, N, H, D) memory.
+inline at::Tensor attention_output_like(const at::Tensor& x) {
+  return at::empty({x.size(0), x.size(2), x.size(1), x.size(3)}, x.options()).permute({0, 2, 1, 3});
+}
+
+// The backward's saved tensors: the forward's (out in its layout, lse contiguous accumulation type).
+inline void check_attention_saved(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
+                                  const at::Tensor& q) {
+  check_head_dim_contiguous(grad_out, "grad_out");
+  check_head_dim_contiguous(out, "out");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
+    TORCH_CHECK(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type() && t.device() == q.device(),
+                "fastdiff: ", name, " must match q (", q.sizes(), " ", q.scalar_type(), "), got ", t.sizes(), " ",
+                t.scalar_type());
+  }
+  const auto acc = at::toOpMathType(q.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2) &&
+                  lse.is_contiguous() && lse.scalar_type() == acc && lse.device() == q.device(),
+              "fastdiff: lse must be contiguous ", acc, " of shape (", q.size(0), ", ", q.size(1), ", ", q.size(2),
+              "), got ", lse.scalar_type(), " ", lse.sizes());
 }
 
 }  // namespace fastdiff
