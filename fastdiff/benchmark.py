@@ -41,6 +41,10 @@ import torch
 from ._backend import OP_ONLY, reasons_not_usable
 from .ops import OPS
 
+# Cases beyond the ops: whole modules built on them (benchmarks/bench_<name>.py).
+MODULE_CASES = ("attention_block",)
+CASES = OPS + MODULE_CASES
+
 MODES = ("fwd", "bwd", "full")
 SIZES = {"small": (16, 4, 32, 32), "sd": (64, 4, 64, 64), "pixel": (256, 3, 64, 64)}
 DEFAULT_SIZES = ("small", "sd", "pixel")
@@ -85,6 +89,12 @@ class OpCase:
     sizes: tuple = ()  # the op's own default shapes (else --sizes' default)
     # (mode, shape, dtype) -> bytes, for ops whose shape is not one sample's (attention)
     bytes_fn: Callable | None = None
+    # the op whose backends the providers name (a module case: the op it is built on)
+    backend_op: str | None = None
+
+    @property
+    def dispatch_op(self) -> str:
+        return self.backend_op or self.op
 
     def numel(self, shape) -> int:
         n = 1
@@ -99,8 +109,8 @@ class OpCase:
 
 
 def load_case(op: str) -> OpCase:
-    if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    if op not in CASES:
+        raise ValueError(f"unknown op {op!r}; expected one of {CASES}")
     return importlib.import_module(f"fastdiff.benchmarks.bench_{op}").CASE
 
 
@@ -145,7 +155,7 @@ def provider_skip_reason(case: OpCase, provider: str, device: torch.device) -> s
         return "Triton on CPU tensors runs only interpreted (TRITON_INTERPRET=1): far too slow to benchmark"
     if provider not in PROVIDERS:
         return f"unknown provider {provider!r}"
-    why = reasons_not_usable(provider, case.op, device)
+    why = reasons_not_usable(provider, case.dispatch_op, device)
     return "; ".join(why)
 
 
@@ -447,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fastdiff bench", description=(
         "Benchmark fastdiff's ops against eager PyTorch and torch.compile, providers interleaved in "
         "one process."))
-    ap.add_argument("--ops", default=",".join(OPS), help=f"comma list of {','.join(OPS)}")
+    ap.add_argument("--ops", default=",".join(CASES), help=f"comma list of {','.join(CASES)}")
     ap.add_argument("--device", default=None, choices=("cpu", "cuda"),
                     help="default: cuda when available, else cpu")
     ap.add_argument("--csv", default=None, help="write the long-format CSV here")
@@ -457,8 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                     + ",".join(DEFAULT_SIZES) + ")")
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of fwd,bwd,full")
     ap.add_argument("--providers", default=None,
-                    help="comma list of reference,compile,cpu,cuda,triton (default: reference, compile and "
-                         "every fastdiff backend usable on the device)")
+                    help=f"comma list of {','.join(PROVIDERS)} (default: reference, compile and "
+                         "every backend usable on the device)")
     ap.add_argument("--reps", type=int, default=None,
                     help=f"repetitions per case (default: enough for ~{TARGET_SECONDS:g} s per provider, "
                          f"{MIN_REPS}..{MAX_REPS})")
@@ -488,8 +498,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(sys.argv[1:] if argv is None else list(argv))
     ops = _split(args.ops)
     for op in ops:
-        if op not in OPS:
-            ap.error(f"--ops: unknown op {op!r} (expected {','.join(OPS)})")
+        if op not in CASES:
+            ap.error(f"--ops: unknown op {op!r} (expected {','.join(CASES)})")
     modes = _split(args.modes)
     for m in modes:
         if m not in MODES:
@@ -535,7 +545,7 @@ def main(argv=None) -> int:
         case = load_case(op)
         providers, skipped = [], []
         for p in requested:
-            if OP_ONLY.get(p, op) != op:
+            if OP_ONLY.get(p, case.dispatch_op) != case.dispatch_op:
                 continue  # another op's provider (sdpa, xformers: attention only)
             why = provider_skip_reason(case, p, device)
             (skipped.append((p, why)) if why else providers.append(p))
@@ -596,7 +606,7 @@ def pytest_params(case: OpCase):
     sizes = _split(os.environ.get("FASTDIFF_BENCH_SIZES", default))
     params = []
     for p in PROVIDERS:
-        if OP_ONLY.get(p, case.op) != case.op:
+        if OP_ONLY.get(p, case.dispatch_op) != case.dispatch_op:
             continue
         why = provider_skip_reason(case, p, device)
         if p == "compile" and os.environ.get("FASTDIFF_BENCH_COMPILE", "0") in ("", "0"):
