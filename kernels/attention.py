@@ -601,7 +601,7 @@ def _check_head(x, name, ref=None, ref_name=""):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"fastdiff triton: {name} must be a 4-D (B, H, N, D) tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if x.stride(3) != 1 and x.shape[3] > 1:
+    if x.stride(3) != 1 and x.shape[3] > 1 and x.numel() > 0:
         raise ValueError(f"fastdiff triton: {name} must have a contiguous head dim "
                          f"(stride(3) == 1), got strides {x.stride()}")
     if x.shape[2] > 1 and x.stride(2) * MAX_BLOCK_ROWS >= 2**31:

@@ -199,3 +199,21 @@ def test_bad_input():
         fastdiff.attention(q[0], k, v)
     with pytest.raises(ValueError, match="scale must be a finite number"):
         fastdiff.attention(q, k, v, float("nan"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, *REDUCED_DTYPES])
+@pytest.mark.parametrize("shape", SMALL + LARGE + [(2, 8, 1024, 77, 80), (1, 4, 1000, 1000, 64), (1, 2, 300, 300, 256)])
+def test_gpu_backends(backend, dtype, shape):
+    q, k, v = (x.cuda() for x in _qkv(*shape, dtype=dtype, seed=7))
+    grad_out = torch.randn_like(q)
+    got = _run(lambda a, b, c: fastdiff.attention(a, b, c, backend=backend), q, k, v, grad_out)
+    exact = _truth(q, k, v, grad_out)
+    if dtype == torch.float32:
+        for name, g, x in zip(("out", "dq", "dk", "dv"), got, exact):
+            assert_close(g, x, 1e-4, 1e-4, f"{backend} {shape} {name}")
+        return
+    eager = _run(reference.attention, q, k, v, grad_out)
+    for name, g, e, x in zip(("out", "dq", "dk", "dv"), got, eager, exact):
+        assert_within_eager_error(g, e, x, f"{backend} {dtype} {shape} {name}", floor=1e-3)
