@@ -22,7 +22,7 @@ SMALL = [
     (2, 2, 1, 13, 17),    # one query, odd head dim
     (1, 1, 7, 1, 8),      # one key
 ]
-# Past the CPU kernel's tiles (64 query rows, 512 keys): online rescaling across key blocks.
+# Past the CPU kernel's tiles (forward 64 x 1024, backward 128 x 256): online rescaling across key blocks.
 LARGE = [
     (1, 2, 130, 1100, 16),
     (2, 1, 200, 520, 64),
