@@ -70,7 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .q_sample import CONFIG_DTYPES, TRITON_DTYPES, _INTERPRET, _to_out, kernel_config
+from .q_sample import CONFIG_DTYPES, TRITON_DTYPES, _INTERPRET, _cast, _to_out, kernel_config
 
 # Head dims up to this are supported (attention_math.h kMaxHeadDim).
 MAX_HEAD_DIM = 256
@@ -123,17 +123,6 @@ PRE_WARPS = 4
 # ---------------------------------------------------------------------------
 # Device helpers.
 # ---------------------------------------------------------------------------
-@triton.jit
-def _cast(x, DT: tl.constexpr):
-    """x rounded to nearest even in DT (the interpreter truncates fp32 -> bf16,
-    so there it is rounded by hand first, as q_sample's _to_out)."""
-    if _INTERPRET and DT == tl.bfloat16 and x.dtype == tl.float32:
-        u = x.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        x = u.to(tl.float32, bitcast=True)
-    return x.to(DT)
-
-
 @triton.jit
 def _dot(a, b, acc):
     """acc + a b in acc's type A: tensor cores for fp16 / bf16 (fp32

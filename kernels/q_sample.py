@@ -119,16 +119,21 @@ def _log(x):
 
 
 @triton.jit
-def _to_out(x, ptr):
-    """x cast to ptr's element type, rounded to nearest even (cvt.rn on the GPU,
-    as at::BFloat16 / at::Half on the CPU). The interpreter truncates fp32 ->
-    bf16, so there the value is first rounded to bf16 precision by hand."""
-    OUT: tl.constexpr = ptr.dtype.element_ty
-    if _INTERPRET and OUT == tl.bfloat16 and x.dtype == tl.float32:
+def _cast(x, DT: tl.constexpr):
+    """x cast to DT, rounded to nearest even (cvt.rn on the GPU, as at::BFloat16 /
+    at::Half on the CPU). The interpreter truncates fp32 -> bf16, so there the
+    value is first rounded to bf16 precision by hand."""
+    if _INTERPRET and DT == tl.bfloat16 and x.dtype == tl.float32:
         u = x.to(tl.uint32, bitcast=True)
         u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
         x = u.to(tl.float32, bitcast=True)
-    return x.to(OUT)
+    return x.to(DT)
+
+
+@triton.jit
+def _to_out(x, ptr):
+    """x cast to ptr's element type (rounded as _cast does)."""
+    return _cast(x, ptr.dtype.element_ty)
 
 
 @triton.jit
