@@ -315,3 +315,19 @@ class AttentionBlock(torch.nn.Module):
                       v.transpose(1, 2).unsqueeze(1))  # (B * heads, 1, N, ch)
         a = a.squeeze(1).transpose(1, 2).reshape(b, c, -1)
         return (x_flat + self.proj_out(a)).reshape(b, c, *spatial)
+
+
+class GroupNormAct(torch.nn.GroupNorm):
+    """``nn.GroupNorm`` then SiLU (``activation=None``: the GroupNorm alone), eager: the norm of
+    a ResNet block as U-Nets write it, with GroupNorm's own parameters and state_dict keys (so
+    ``fastdiff.nn.GroupNormSiLU`` loads it as it is)."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, activation="silu", device=None, dtype=None):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        super().__init__(num_groups, num_channels, eps, affine, device=device, dtype=dtype)
+        self.activation = activation
+
+    def forward(self, x):
+        y = super().forward(x)
+        return torch.nn.functional.silu(y) if self.activation == "silu" else y
