@@ -1,4 +1,5 @@
-"""fastdiff attention inside diffusers models: ``fastdiff.diffusers.AttnProcessor``.
+"""fastdiff inside diffusers: the attention processor ``fastdiff.diffusers.AttnProcessor``
+and the fused schedulers ``fastdiff.diffusers.DDPMScheduler`` / ``DDIMScheduler``.
 
     import fastdiff.diffusers
     unet.set_attn_processor(fastdiff.diffusers.AttnProcessor())          # every Attention module
@@ -6,20 +7,38 @@
     fastdiff.diffusers.set_attn_processor(model, fastdiff.diffusers.AttnProcessor())
         # any nn.Module, including models without set_attn_processor (UNet2DModel)
 
-This submodule is imported explicitly (``import fastdiff`` does not import it) and does not
-import diffusers itself: it only reads the ``Attention`` module it is handed, so it imports
-without diffusers installed. Its name shadows nothing: imports are absolute, so
-``import diffusers`` anywhere (here included) is the real package.
+The schedulers subclass diffusers' DDPMScheduler / DDIMScheduler (same config, same
+``from_pretrained`` / ``from_config``, same outputs); ``add_noise``, ``step`` and
+``get_velocity`` run fastdiff's fused ops:
+
+    scheduler = fastdiff.diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+    scheduler = fastdiff.diffusers.DDIMScheduler.from_pretrained(repo, subfolder="scheduler")
+
+This submodule is imported explicitly (``import fastdiff`` does not import it) and imports
+without diffusers installed: ``AttnProcessor`` only reads the ``Attention`` module it is
+handed, and the scheduler classes (which subclass diffusers' and so need it at class-definition
+time) are built on first access through the module's ``__getattr__`` (PEP 562). Its name
+shadows nothing: imports are absolute, so ``import diffusers`` anywhere (here included) is the
+real package.
 """
 from __future__ import annotations
 
+import logging
+import numbers
+import threading
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ._backend import _check_name
+from .ops._common import FLOAT_DTYPES
 from .ops.attention import attention
+from .ops.ddim_step import ddim_step
+from .ops.ddpm_step import ddpm_step
+from .ops.q_sample import q_sample
+from .reference import PREDICTION_TYPES
+from .schedule import NoiseSchedule
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers.models.attention_processor import Attention
@@ -187,3 +206,468 @@ def _deprecate_scale() -> None:
         warnings.warn(message, FutureWarning, stacklevel=3)
         return
     deprecate("scale", "1.0.0", message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedulers: fastdiff.diffusers.DDPMScheduler / DDIMScheduler.
+#
+# The classes subclass diffusers' and so are built on first access (module __getattr__ below);
+# everything they add lives in the mixins here, which need no diffusers. Each call first makes a
+# plan: either everything the fused op needs, or a string saying why the call goes to diffusers'
+# own method instead (``fallback_reason`` returns it). The fallback is the parent's method called
+# with the same arguments, so its outputs, random draws and errors are diffusers' own.
+
+SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
+_logger = logging.getLogger(__name__)
+# Integer dtypes diffusers indexes alphas_cumprod with by value (uint8 and bool index as masks).
+_INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+# DDPM variance types where diffusers 0.42 and fastdiff.ddpm_step agree. fixed_large_log and
+# learned: diffusers takes the square root of a log-variance (NaN); fastdiff follows improved
+# DDPM there, so a drop-in for diffusers runs diffusers' own code.
+_DDPM_FUSED_VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned_range")
+
+
+class _ScheduleCache:
+    """The fastdiff.NoiseSchedule of one scheduler, built once from its ``betas`` and
+    ``alphas_cumprod`` (as NoiseSchedule.from_diffusers takes them) and rebuilt when either is
+    reassigned or changed in place (it holds them and their version counters); its copies per
+    device; alpha_bar as Python floats (pred_original_sample's coefficients)."""
+
+    __slots__ = ("alphas_cumprod", "ac_version", "betas", "betas_version", "schedule", "error", "alpha_bar",
+                 "by_device")
+
+    def __init__(self, scheduler):
+        self.alphas_cumprod, self.betas = scheduler.alphas_cumprod, scheduler.betas
+        self.ac_version = getattr(self.alphas_cumprod, "_version", None)
+        self.betas_version = getattr(self.betas, "_version", None)
+        self.schedule = self.error = self.alpha_bar = None
+        self.by_device = {}
+        try:
+            self.schedule = NoiseSchedule.from_diffusers(scheduler)
+        except (TypeError, ValueError) as e:
+            self.error = f"fastdiff.NoiseSchedule does not take this scheduler's schedule ({e})"
+            return
+        self.alpha_bar = self.schedule.alphas_cumprod.tolist()
+        self.by_device[torch.device("cpu")] = self.schedule
+
+    def valid_for(self, scheduler) -> bool:
+        ac, betas = scheduler.alphas_cumprod, scheduler.betas
+        return (ac is self.alphas_cumprod and getattr(ac, "_version", None) == self.ac_version
+                and betas is self.betas and getattr(betas, "_version", None) == self.betas_version)
+
+    def on(self, device: torch.device) -> NoiseSchedule:
+        schedule = self.by_device.get(device)
+        if schedule is None:
+            schedule = self.by_device[device] = self.schedule.to(device)
+        return schedule
+
+
+class _StepPlan:
+    """What a fused step needs: int timesteps, the schedule on the sample's device, alpha_bar_t
+    (float64), the clip range (None: no clipping), eta (DDIM)."""
+
+    __slots__ = ("t", "t_prev", "schedule", "alpha_bar", "clip_range", "eta")
+
+    def __init__(self, t, t_prev, schedule, alpha_bar, clip_range, eta=0.0):
+        self.t, self.t_prev, self.schedule, self.alpha_bar = t, t_prev, schedule, alpha_bar
+        self.clip_range, self.eta = clip_range, eta
+
+
+def _check_pair(a, b, a_name: str, b_name: str) -> str | None:
+    """Why the fused ops cannot take a and b as diffusers would (None: they can)."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return f"{a_name} and {b_name} are not both tensors"
+    if a.dtype not in FLOAT_DTYPES:
+        return f"{a_name} has dtype {a.dtype} (fastdiff runs float32/float64/float16/bfloat16)"
+    if b.dtype != a.dtype or b.device != a.device:
+        return (f"{b_name} ({b.dtype}, {b.device}) and {a_name} ({a.dtype}, {a.device}) differ in dtype or device "
+                "(diffusers promotes or raises)")
+    if a.dim() < 1:
+        return f"{a_name} is 0-d (fastdiff's ops take a batch dimension)"
+    return None
+
+
+def _scalar_timestep(timestep, num_timesteps: int):
+    """(t, None) for a timestep diffusers' step indexes as one integer (a Python/NumPy int or a
+    0-d int8/16/32/64 tensor on any device) in [0, T); else (None, why)."""
+    if isinstance(timestep, torch.Tensor):
+        if timestep.dim() != 0:
+            return None, f"timestep is a tensor of shape {tuple(timestep.shape)}, not an int or a 0-d tensor"
+        if timestep.dtype not in _INDEX_DTYPES:
+            return None, f"timestep has dtype {timestep.dtype}, not an integer dtype diffusers indexes by value"
+        t = int(timestep)
+    elif isinstance(timestep, numbers.Integral) and not isinstance(timestep, bool):
+        t = int(timestep)
+    else:
+        return None, f"timestep {timestep!r} is not an integer"
+    if not 0 <= t < num_timesteps:  # diffusers raises, or wraps a negative index
+        return None, f"timestep {t} is outside [0, {num_timesteps})"
+    return t, None
+
+
+def _clip_range(config):
+    """(range or None, why or None) for clip_sample / clip_sample_range."""
+    if not config.clip_sample:
+        return None, None
+    r = config.clip_sample_range
+    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0 < r < float("inf"):
+        return None, f"clip_sample_range={r!r} is not a finite positive number"
+    return float(r), None
+
+
+def _pred_original_sample(model_output, sample, alpha_bar: float, prediction_type: str, clip_range):
+    """diffusers' "predicted x_0" (clipped when clip_range is set), computed eagerly: the fused
+    steps return only prev_sample. Two elementwise passes (a third to clip); the coefficients
+    sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) in float64 (diffusers: float32 tensors)."""
+    sa, s1 = alpha_bar ** 0.5, (1.0 - alpha_bar) ** 0.5
+    if prediction_type == "epsilon":
+        x0 = torch.sub(sample, model_output, alpha=s1).div_(sa)
+    elif prediction_type == "sample":
+        x0 = model_output  # as diffusers: the model output itself
+    else:  # v_prediction
+        x0 = torch.mul(sample, sa).sub_(model_output, alpha=s1)
+    if clip_range is not None:
+        x0 = x0.clamp(-clip_range, clip_range)
+    return x0
+
+
+class _FusedSchedulerMixin:
+    """add_noise / get_velocity through fastdiff.q_sample, the schedule cache and the options
+    shared by both schedulers."""
+
+    #: backend for every fastdiff op the scheduler calls (None: auto / fastdiff.use_backend).
+    fastdiff_backend: str | None = None
+    #: step's pred_original_sample is computed eagerly (the fused kernels return only
+    #: prev_sample). Set False to skip those extra passes when only prev_sample is used (diffusers'
+    #: DDPM/DDIM pipelines): pred_original_sample is then None.
+    return_pred_original_sample: bool = True
+
+    def _fastdiff_cache(self) -> _ScheduleCache:
+        cache = self.__dict__.get("_fastdiff_schedule_cache")
+        if cache is None or not cache.valid_for(self):
+            cache = _ScheduleCache(self)
+            self.__dict__["_fastdiff_schedule_cache"] = cache
+        return cache
+
+    def _plan_noise(self, x, noise, timesteps, x_name: str, noise_name: str):
+        """(t, schedule) for fastdiff.q_sample as diffusers' add_noise reads x, noise, timesteps;
+        or why not (str)."""
+        why = _check_pair(x, noise, x_name, noise_name)
+        if why:
+            return why
+        if noise.shape != x.shape:
+            return f"{noise_name} shape {tuple(noise.shape)} != {x_name} shape {tuple(x.shape)} (diffusers broadcasts)"
+        if not isinstance(timesteps, torch.Tensor):
+            return f"timesteps is a {type(timesteps).__name__}, not a tensor (diffusers raises)"
+        if timesteps.dtype not in _INDEX_DTYPES:
+            return f"timesteps has dtype {timesteps.dtype}, not an integer dtype diffusers indexes by value"
+        n, batch = timesteps.numel(), x.shape[0]
+        if n == 0 or n not in (1, batch):
+            return f"{n} timesteps for a batch of {batch} (fastdiff takes 1 or one per sample)"
+        cache = self._fastdiff_cache()
+        if cache.error:
+            return cache.error
+        t = timesteps.to(x.device).reshape(-1)
+        lo, hi = torch.stack(torch.aminmax(t)).tolist()  # one host sync for both
+        if lo < 0 or hi >= len(cache.alpha_bar):  # diffusers raises, or wraps a negative index
+            return f"timesteps reach {lo if lo < 0 else hi}, outside [0, {len(cache.alpha_bar)})"
+        return (t.reshape(()) if n == 1 else t), cache.on(x.device)
+
+    def add_noise_fallback_reason(self, original_samples, noise, timesteps) -> str | None:
+        """None when ``add_noise`` with these arguments runs fastdiff.q_sample, else why it
+        runs diffusers' own add_noise."""
+        plan = self._plan_noise(original_samples, noise, timesteps, "original_samples", "noise")
+        return plan if isinstance(plan, str) else None
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """diffusers' add_noise (sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise) in one fused
+        pass (fastdiff.q_sample), differentiable in original_samples and noise."""
+        if isinstance(original_samples, torch.Tensor):  # diffusers' side effect, kept
+            self.alphas_cumprod = self.alphas_cumprod.to(device=original_samples.device)
+        plan = self._plan_noise(original_samples, noise, timesteps, "original_samples", "noise")
+        if isinstance(plan, str):
+            _log_fallback(self, "add_noise", plan)
+            return super().add_noise(original_samples, noise, timesteps)
+        t, schedule = plan
+        return q_sample(original_samples, t, noise, schedule, backend=self.fastdiff_backend)
+
+    def get_velocity(self, sample, noise, timesteps):
+        """diffusers' get_velocity, sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) sample, as
+        fastdiff.q_sample(noise, t, -sample): one negation and one fused pass."""
+        if isinstance(sample, torch.Tensor):
+            self.alphas_cumprod = self.alphas_cumprod.to(device=sample.device)
+        plan = self._plan_noise(sample, noise, timesteps, "sample", "noise")
+        if isinstance(plan, str):
+            _log_fallback(self, "get_velocity", plan)
+            return super().get_velocity(sample, noise, timesteps)
+        t, schedule = plan
+        return q_sample(noise, t, torch.neg(sample), schedule, backend=self.fastdiff_backend)
+
+    def _output(self, prev_sample, pred_original_sample, return_dict):
+        if not return_dict:
+            return (prev_sample, pred_original_sample)
+        return self._output_class(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    def _common_step_checks(self, model_output, sample):
+        why = _check_pair(sample, model_output, "sample", "model_output")
+        if why:
+            return why
+        if self.config.thresholding:
+            return "thresholding=True (dynamic thresholding takes a per-sample quantile; the fused steps clip only)"
+        if self.config.prediction_type not in PREDICTION_TYPES:
+            return (f"prediction_type={self.config.prediction_type!r} is not one of {PREDICTION_TYPES} "
+                    "(diffusers raises)")
+        return None
+
+
+class _FusedDDPM(_FusedSchedulerMixin):
+    """diffusers' ``DDPMScheduler`` whose ``add_noise``, ``step`` and ``get_velocity`` run
+    fastdiff's fused ops (``q_sample``, ``ddpm_step``). Same constructor and config
+    (``from_pretrained``, ``from_config``, ``save_pretrained``, ``set_timesteps`` are diffusers'
+    own), same outputs (``DDPMSchedulerOutput`` or, with ``return_dict=False``, the tuple
+    ``(prev_sample, pred_original_sample)``), and the same random draws: the variance noise is
+    drawn by diffusers' ``randn_tensor`` with the arguments ``DDPMScheduler.step`` passes it, so
+    a generator (or a list of them) gives the numbers diffusers gives. The step is
+    differentiable in model_output and sample; ``pred_original_sample`` is computed eagerly
+    (see ``return_pred_original_sample``). The previous timestep is diffusers' own
+    ``previous_timestep`` (t - 1, or the next entry of ``timesteps`` after ``set_timesteps``).
+
+    A call runs diffusers' own method, unchanged (outputs, draws and errors exactly
+    diffusers'), where the fused op would not give diffusers' result; ``fallback_reason(...)``
+    / ``add_noise_fallback_reason(...)`` say which path a call takes:
+
+    - ``thresholding=True`` (dynamic thresholding: a per-sample quantile of x_0);
+    - ``variance_type`` ``"fixed_large_log"`` or ``"learned"``: diffusers 0.42 returns NaN there
+      (the square root of a log-variance), fastdiff.ddpm_step follows improved DDPM; likewise any
+      variance type fastdiff does not know;
+    - a model_output not of sample's shape (or (B, 2C, ...) for ``"learned_range"``), inputs
+      that are not float tensors of one dtype and device or have fewer than 2 dims, an unknown
+      prediction_type (diffusers broadcasts or raises);
+    - a timestep that is not a Python/NumPy int or a 0-d integer tensor in [0, T) (a 1-element
+      1-D tensor, a negative index, which diffusers wraps), a previous timestep >= T;
+    - ``clip_sample`` with a clip_sample_range that is not a finite positive number;
+    - a schedule fastdiff.NoiseSchedule does not take: alpha_bar reaching 0
+      (``rescale_betas_zero_snr=True``) or betas outside (0, 1];
+    - ``add_noise`` / ``get_velocity``: timesteps that are not an int8/16/32/64 tensor (a Python
+      int: diffusers raises), not 1 or one per sample, outside [0, T); noise of another shape,
+      dtype or device.
+    """
+
+    def fallback_reason(self, model_output, timestep, sample, generator=None) -> str | None:
+        """None when ``step`` with these arguments runs fastdiff.ddpm_step, else why it runs
+        diffusers' own step."""
+        plan = self._plan_step(model_output, timestep, sample)
+        return plan if isinstance(plan, str) else None
+
+    def _plan_step(self, model_output, timestep, sample):
+        why = self._common_step_checks(model_output, sample)
+        if why:
+            return why
+        if sample.dim() < 2 or model_output.dim() < 2:
+            return "sample or model_output has fewer than 2 dims (diffusers' step reads shape[1])"
+        variance_type = self.variance_type
+        if variance_type not in _DDPM_FUSED_VARIANCE_TYPES:
+            return (f"variance_type={variance_type!r}: fused for {_DDPM_FUSED_VARIANCE_TYPES} only (diffusers 0.42 "
+                    "returns NaN for fixed_large_log and learned, fastdiff follows improved DDPM there)")
+        expected = tuple(sample.shape)
+        if variance_type == "learned_range":
+            expected = (sample.shape[0], 2 * sample.shape[1]) + expected[2:]
+        if tuple(model_output.shape) != expected:
+            return f"model_output shape {tuple(model_output.shape)} != {expected} for variance_type={variance_type!r}"
+        clip_range, why = _clip_range(self.config)
+        if why:
+            return why
+        cache = self._fastdiff_cache()
+        if cache.error:
+            return cache.error
+        num_timesteps = len(cache.alpha_bar)
+        t, why = _scalar_timestep(timestep, num_timesteps)
+        if why:
+            return why
+        t_prev = int(self.previous_timestep(timestep))  # diffusers' own (raises as step does)
+        if t_prev >= num_timesteps:
+            return f"previous timestep {t_prev} is outside [0, {num_timesteps})"
+        if t_prev < 0 and float(self.one) != 1.0:
+            return f"scheduler.one = {float(self.one)} (fastdiff takes alpha_bar = 1 before t = 0)"
+        return _StepPlan(t, max(t_prev, -1), cache.on(sample.device), cache.alpha_bar[t], clip_range)
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        """diffusers' ``DDPMScheduler.step`` through fastdiff.ddpm_step (see the class)."""
+        plan = self._plan_step(model_output, timestep, sample)
+        if isinstance(plan, str):
+            _log_fallback(self, "step", plan)
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        config = self.config
+        # The mean channels, as diffusers' torch.split gives them (learned_range: first C of 2C).
+        mean_output = model_output[:, :sample.shape[1]] if model_output.shape[1] != sample.shape[1] else model_output
+        noise = None
+        if plan.t > 0:  # diffusers draws only then: the generator advances as there
+            noise = self._diffusers_module.randn_tensor(mean_output.shape, generator=generator,
+                                                        device=mean_output.device, dtype=mean_output.dtype)
+        prev_sample = ddpm_step(model_output, plan.t, sample, plan.schedule, noise=noise,
+                                prediction_type=config.prediction_type, variance_type=self.variance_type,
+                                clip_sample=plan.clip_range is not None,
+                                clip_sample_range=1.0 if plan.clip_range is None else plan.clip_range,
+                                t_prev=plan.t_prev, backend=self.fastdiff_backend)
+        x0 = None
+        if self.return_pred_original_sample:
+            x0 = _pred_original_sample(mean_output, sample, plan.alpha_bar, config.prediction_type, plan.clip_range)
+        return self._output(prev_sample, x0, return_dict)
+
+
+class _FusedDDIM(_FusedSchedulerMixin):
+    """diffusers' ``DDIMScheduler`` whose ``add_noise``, ``step`` and ``get_velocity`` run
+    fastdiff's fused ops (``q_sample``, ``ddim_step``). Same constructor and config, same outputs
+    (``DDIMSchedulerOutput`` or the tuple ``(prev_sample, pred_original_sample)``), same random
+    draws (diffusers' ``randn_tensor`` with step's arguments, only when eta > 0; or
+    ``variance_noise``). The previous timestep is diffusers':
+    ``timestep - num_train_timesteps // num_inference_steps`` (any ``timestep_spacing``), and
+    before t = 0 alpha_bar is ``final_alpha_cumprod`` (1 with ``set_alpha_to_one``, else
+    alpha_bar_0). Differentiable in model_output and sample; ``pred_original_sample`` is
+    computed eagerly (see ``return_pred_original_sample``). diffusers' ``DDIMPipeline`` turns the
+    scheduler it is built with into diffusers' own DDIMScheduler; set this one afterwards:
+    ``pipe.scheduler = fastdiff.diffusers.DDIMScheduler.from_config(pipe.scheduler.config)``.
+
+    A call runs diffusers' own method, unchanged, where the fused op would not give diffusers'
+    result (``fallback_reason(...)`` says which path a call takes):
+
+    - ``set_timesteps`` not called yet (diffusers raises);
+    - ``thresholding=True``; an unknown prediction_type;
+    - eta not a real number in [0, 1] (above 1, diffusers' sqrt(1 - alpha_bar_prev - sigma^2)
+      can be NaN where fastdiff clamps at 0);
+    - ``variance_noise`` together with a generator (diffusers raises), or one that is not a
+      tensor of sample's shape, dtype and device, or that requires grad (fastdiff's noise is a
+      constant);
+    - model_output not of sample's shape, dtype and device; a timestep that is not a Python/NumPy
+      int or a 0-d integer tensor in [0, T); ``final_alpha_cumprod`` neither 1 nor alpha_bar_0;
+    - ``clip_sample`` with a clip_sample_range that is not a finite positive number;
+    - a schedule fastdiff.NoiseSchedule does not take (``rescale_betas_zero_snr=True``: alpha_bar
+      reaches 0);
+    - ``add_noise`` / ``get_velocity``: as for ``fastdiff.diffusers.DDPMScheduler``.
+    """
+
+    def fallback_reason(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False,
+                        generator=None, variance_noise=None) -> str | None:
+        """None when ``step`` with these arguments runs fastdiff.ddim_step, else why it runs
+        diffusers' own step."""
+        plan = self._plan_step(model_output, timestep, sample, eta, generator, variance_noise)
+        return plan if isinstance(plan, str) else None
+
+    def _plan_step(self, model_output, timestep, sample, eta, generator, variance_noise):
+        steps = self.num_inference_steps
+        if steps is None:
+            return "set_timesteps has not been called (diffusers raises)"
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps <= 0:
+            return f"num_inference_steps={steps!r} is not a positive int"
+        why = self._common_step_checks(model_output, sample)
+        if why:
+            return why
+        if model_output.shape != sample.shape:
+            return f"model_output shape {tuple(model_output.shape)} != sample shape {tuple(sample.shape)}"
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0:
+            return f"eta={eta!r} is not a real number in [0, 1]"
+        eta = float(eta)
+        if eta > 0 and variance_noise is not None:
+            if generator is not None:
+                return "both generator and variance_noise given (diffusers raises)"
+            why = _check_pair(sample, variance_noise, "sample", "variance_noise")
+            if why:
+                return why
+            if variance_noise.shape != sample.shape:
+                return f"variance_noise shape {tuple(variance_noise.shape)} != sample shape {tuple(sample.shape)}"
+            if variance_noise.requires_grad and torch.is_grad_enabled():
+                return "variance_noise requires grad (fastdiff.ddim_step treats noise as a constant)"
+        clip_range, why = _clip_range(self.config)
+        if why:
+            return why
+        cache = self._fastdiff_cache()
+        if cache.error:
+            return cache.error
+        t, why = _scalar_timestep(timestep, len(cache.alpha_bar))
+        if why:
+            return why
+        t_prev = t - self.config.num_train_timesteps // int(steps)  # as diffusers computes it
+        if t_prev < 0:
+            final = float(self.final_alpha_cumprod)
+            if final == 1.0:
+                t_prev = -1  # fastdiff: t_prev < 0 means alpha_bar_prev = 1
+            elif final == cache.alpha_bar[0]:
+                t_prev = 0  # set_alpha_to_one=False: alpha_bar_0
+            else:
+                return f"final_alpha_cumprod = {final} is neither 1 nor alphas_cumprod[0]"
+        return _StepPlan(t, t_prev, cache.on(sample.device), cache.alpha_bar[t], clip_range, eta)
+
+    def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
+             variance_noise=None, return_dict=True):
+        """diffusers' ``DDIMScheduler.step`` through fastdiff.ddim_step (see the class)."""
+        plan = self._plan_step(model_output, timestep, sample, eta, generator, variance_noise)
+        if isinstance(plan, str):
+            _log_fallback(self, "step", plan)
+            return super().step(model_output, timestep, sample, eta=eta,
+                                use_clipped_model_output=use_clipped_model_output, generator=generator,
+                                variance_noise=variance_noise, return_dict=return_dict)
+        config = self.config
+        noise = None
+        if plan.eta > 0:  # diffusers draws only then
+            noise = variance_noise
+            if noise is None:
+                noise = self._diffusers_module.randn_tensor(model_output.shape, generator=generator,
+                                                            device=model_output.device, dtype=model_output.dtype)
+        prev_sample = ddim_step(model_output, plan.t, plan.t_prev, sample, plan.schedule, eta=plan.eta, noise=noise,
+                                prediction_type=config.prediction_type, clip_sample=plan.clip_range is not None,
+                                clip_sample_range=1.0 if plan.clip_range is None else plan.clip_range,
+                                use_clipped_model_output=bool(use_clipped_model_output),
+                                backend=self.fastdiff_backend)
+        x0 = None
+        if self.return_pred_original_sample:
+            x0 = _pred_original_sample(model_output, sample, plan.alpha_bar, config.prediction_type, plan.clip_range)
+        return self._output(prev_sample, x0, return_dict)
+
+
+def _log_fallback(scheduler, method: str, why: str) -> None:
+    if _logger.isEnabledFor(logging.DEBUG):
+        _logger.debug("%s.%s runs diffusers' own code: %s", type(scheduler).__name__, method, why)
+
+
+_scheduler_classes: dict = {}
+_scheduler_lock = threading.Lock()
+
+
+def _build_schedulers() -> dict:
+    """Define the scheduler classes (once): diffusers is needed from here on."""
+    with _scheduler_lock:
+        if _scheduler_classes:
+            return _scheduler_classes
+        try:
+            import diffusers.schedulers.scheduling_ddim as ddim_module
+            import diffusers.schedulers.scheduling_ddpm as ddpm_module
+        except ImportError as e:
+            raise ImportError("fastdiff.diffusers.DDPMScheduler and DDIMScheduler subclass diffusers' schedulers: "
+                              "install diffusers (pip install diffusers)") from e
+
+        class DDPMScheduler(_FusedDDPM, ddpm_module.DDPMScheduler):
+            __qualname__ = "DDPMScheduler"  # pickle finds it as fastdiff.diffusers.DDPMScheduler
+            __doc__ = _FusedDDPM.__doc__
+            _diffusers_module = ddpm_module  # randn_tensor: the function diffusers' step calls
+            _output_class = ddpm_module.DDPMSchedulerOutput
+
+        class DDIMScheduler(_FusedDDIM, ddim_module.DDIMScheduler):
+            __qualname__ = "DDIMScheduler"
+            __doc__ = _FusedDDIM.__doc__
+            _diffusers_module = ddim_module
+            _output_class = ddim_module.DDIMSchedulerOutput
+
+        _scheduler_classes.update(DDPMScheduler=DDPMScheduler, DDIMScheduler=DDIMScheduler)
+        globals().update(_scheduler_classes)  # later lookups skip __getattr__
+    return _scheduler_classes
+
+
+def __getattr__(name: str):
+    """PEP 562: the scheduler classes are built on first access (they need diffusers)."""
+    if name in SCHEDULERS:
+        return _build_schedulers()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(SCHEDULERS))
