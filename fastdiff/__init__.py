@@ -10,6 +10,7 @@ from . import nn
 from ._backend import BACKENDS, BackendError, use_backend
 from ._info import info
 from .distributions import DiagonalGaussian
+from .gaussian_diffusion import GaussianDiffusion
 from .ops.attention import attention
 from .ops.ddim_step import ddim_step
 from .ops.ddpm_step import ddpm_step
@@ -26,6 +27,7 @@ __all__ = [
     "BACKENDS",
     "BackendError",
     "DiagonalGaussian",
+    "GaussianDiffusion",
     "NoiseSchedule",
     "attention",
     "ddim_step",
