@@ -19,6 +19,7 @@ from .ops.group_norm_silu import group_norm_silu
 from .ops.q_sample import q_sample
 from .ops.sample_and_kl import gaussian_kl, reparameterize, sample_and_kl
 from .ops.vb_loss import discretized_gaussian_log_likelihood, learned_range, normal_kl, vb_loss
+from .patch import PatchReport, patch, unpatch
 from .schedule import NoiseSchedule
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "DiagonalGaussian",
     "GaussianDiffusion",
     "NoiseSchedule",
+    "PatchReport",
     "attention",
     "ddim_step",
     "ddpm_step",
@@ -40,9 +42,11 @@ __all__ = [
     "learned_range",
     "nn",
     "normal_kl",
+    "patch",
     "q_sample",
     "reparameterize",
     "sample_and_kl",
+    "unpatch",
     "use_backend",
     "vb_loss",
 ]
