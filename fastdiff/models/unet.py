@@ -32,8 +32,7 @@ import math
 import torch
 from torch import nn
 
-from .. import nn as fnn
-from .. import reference
+from ._blocks import BlockFactory
 
 __all__ = ["CONFIGS", "UNet", "timestep_embedding"]
 
@@ -61,32 +60,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, d
     return emb
 
 
-class _Blocks:
-    """Builds the norm and attention modules of one flavour (eager or fused)."""
-
-    def __init__(self, fused: bool, norm_groups: int, num_head_channels: int, backend):
-        self.fused, self.norm_groups, self.backend = fused, norm_groups, backend
-        self.num_head_channels = num_head_channels
-
-    def norm_act(self, channels):
-        if self.fused:
-            return fnn.GroupNormSiLU(self.norm_groups, channels, backend=self.backend)
-        return reference.GroupNormAct(self.norm_groups, channels)
-
-    def attention(self, channels):
-        if self.fused:
-            return fnn.AttentionBlock(channels, num_head_channels=self.num_head_channels,
-                                      norm_groups=self.norm_groups, backend=self.backend)
-        return reference.AttentionBlock(channels, num_head_channels=self.num_head_channels,
-                                        norm_groups=self.norm_groups)
-
-
 class ResBlock(nn.Module):
     """ADM's ResBlock (without scale-shift norm): h = conv1(norm1(x)) + emb_proj(SiLU(emb));
     out = skip(x) + conv2(dropout(norm2(h))), norm = GroupNorm + SiLU, conv2 zero-initialized;
     skip is the identity when the channel count is kept, else a 1x1 conv."""
 
-    def __init__(self, in_channels, emb_channels, out_channels, dropout, blocks: _Blocks):
+    def __init__(self, in_channels, emb_channels, out_channels, dropout, blocks: BlockFactory):
         super().__init__()
         self.norm1 = blocks.norm_act(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
@@ -201,7 +180,7 @@ class UNet(nn.Module):
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
         self.model_channels, self.num_classes = model_channels, num_classes
         self.fused, self.backend = fused, backend
-        blocks = _Blocks(fused, norm_groups, num_head_channels, backend)
+        blocks = BlockFactory(fused, norm_groups, num_head_channels, backend)
 
         emb_ch = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))

@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import nn as fnn
 from .. import reference
 from ..distributions import DiagonalGaussian
+from ._blocks import BlockFactory
 
 CONFIGS = {
     # a unit-test / smoke-test model: 2 levels (latent = image / 2), 0.57M parameters
@@ -56,35 +56,15 @@ class EagerDiagonalGaussian(DiagonalGaussian):
         return reference.sample_and_kl(self.mean, self.logvar, self._noise(generator), "sum_per_sample")
 
 
-class _Parts:
-    """Factories for the layers ``fused`` switches between."""
-
-    def __init__(self, fused, norm_groups, num_head_channels, backend):
-        self.fused, self.norm_groups, self.backend = fused, norm_groups, backend
-        self.num_head_channels = -1 if num_head_channels is None else num_head_channels  # -1: one head
-
-    def norm(self, channels):
-        if self.fused:
-            return fnn.GroupNormSiLU(self.norm_groups, channels, backend=self.backend)
-        return reference.GroupNormAct(self.norm_groups, channels)
-
-    def attention(self, channels):
-        if self.fused:
-            return fnn.AttentionBlock(channels, num_head_channels=self.num_head_channels,
-                                      norm_groups=self.norm_groups, backend=self.backend)
-        return reference.AttentionBlock(channels, num_head_channels=self.num_head_channels,
-                                        norm_groups=self.norm_groups)
-
-
 class ResBlock(torch.nn.Module):
     """GroupNorm + SiLU -> conv 3x3 -> GroupNorm + SiLU -> conv 3x3, plus the input (through a
     1x1 conv when the channel count changes). No dropout, no time embedding."""
 
-    def __init__(self, in_channels, out_channels, parts: _Parts):
+    def __init__(self, in_channels, out_channels, parts: BlockFactory):
         super().__init__()
-        self.norm1 = parts.norm(in_channels)
+        self.norm1 = parts.norm_act(in_channels)
         self.conv1 = torch.nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = parts.norm(out_channels)
+        self.norm2 = parts.norm_act(out_channels)
         self.conv2 = torch.nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = (torch.nn.Identity() if in_channels == out_channels
                      else torch.nn.Conv2d(in_channels, out_channels, 1))
@@ -120,7 +100,7 @@ class Upsample(torch.nn.Module):
 class MidBlock(torch.nn.Module):
     """ResBlock, AttentionBlock (optional), ResBlock at the lowest resolution."""
 
-    def __init__(self, channels, attention: bool, parts: _Parts):
+    def __init__(self, channels, attention: bool, parts: BlockFactory):
         super().__init__()
         self.res1 = ResBlock(channels, channels, parts)
         self.attn = parts.attention(channels) if attention else None
@@ -136,7 +116,7 @@ class MidBlock(torch.nn.Module):
 class Level(torch.nn.Module):
     """One resolution: ResBlocks, then an optional resampler (``Downsample`` / ``Upsample``)."""
 
-    def __init__(self, in_channels, out_channels, layers, resample, parts: _Parts):
+    def __init__(self, in_channels, out_channels, layers, resample, parts: BlockFactory):
         super().__init__()
         self.resnets = torch.nn.ModuleList(
             ResBlock(in_channels if i == 0 else out_channels, out_channels, parts) for i in range(layers))
@@ -159,7 +139,7 @@ class Encoder(torch.nn.Module):
             self.down.append(Level(prev, ch, layers_per_block, Downsample(ch) if i < levels - 1 else None, parts))
             prev = ch
         self.mid = MidBlock(prev, mid_attention, parts)
-        self.norm_out = parts.norm(prev)
+        self.norm_out = parts.norm_act(prev)
         self.conv_out = torch.nn.Conv2d(prev, 2 * latent_channels, 3, padding=1)
 
     def forward(self, x):
@@ -181,7 +161,7 @@ class Decoder(torch.nn.Module):
             ch = block_channels[i]
             self.up.append(Level(prev, ch, layers_per_block, Upsample(ch) if i > 0 else None, parts))
             prev = ch
-        self.norm_out = parts.norm(prev)
+        self.norm_out = parts.norm_act(prev)
         self.conv_out = torch.nn.Conv2d(prev, out_channels, 3, padding=1)
 
     def forward(self, z):
@@ -233,7 +213,7 @@ class VAE(torch.nn.Module):
         self.norm_groups, self.mid_attention, self.num_head_channels = norm_groups, mid_attention, num_head_channels
         self.fused, self.backend = fused, backend
         self.downscale = 2 ** (len(block_channels) - 1)
-        parts = _Parts(fused, norm_groups, num_head_channels, backend)
+        parts = BlockFactory(fused, norm_groups, -1 if num_head_channels is None else num_head_channels, backend)
         self.encoder = Encoder(in_channels, latent_channels, block_channels, layers_per_block, mid_attention, parts)
         self.decoder = Decoder(in_channels, latent_channels, block_channels, layers_per_block, mid_attention, parts)
 
