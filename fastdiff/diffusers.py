@@ -76,7 +76,7 @@ class AttnProcessor:
       uses, so outputs match; modules built with ``scale_qk=False`` (scale 1), for which
       diffusers itself picks ``AttnProcessor`` over ``AttnProcessor2_0``, get their scale
       instead of having it ignored.
-    - Modules ``AttnProcessor2_0`` computes silently wrong raise ``NotImplementedError``
+    - Modules ``AttnProcessor2_0`` computes silently wrong raise ``ValueError``
       instead: added key/value projections (``added_kv_proj_dim``: use diffusers'
       ``AttnAddedKVProcessor2_0``) and causal attention (``is_causal=True``).
     - Head dims above 256 raise ``ValueError`` from ``fastdiff.attention`` (no silent fallback).
@@ -109,13 +109,13 @@ class AttnProcessor:
         if len(args) > 0 or kwargs.get("scale", None) is not None:
             _deprecate_scale()
         if getattr(attn, "add_k_proj", None) is not None:
-            raise NotImplementedError(
+            raise ValueError(
                 "fastdiff.diffusers.AttnProcessor does not run Attention modules with added key/value projections "
                 f"(added_kv_proj_dim={getattr(attn, 'added_kv_proj_dim', None)}); set diffusers' "
                 "AttnAddedKVProcessor2_0 on those modules (set_attn_processor with a dict)")
         if getattr(attn, "is_causal", False):
-            raise NotImplementedError("fastdiff.diffusers.AttnProcessor runs non-causal attention only, but this "
-                                      "Attention module has is_causal=True")
+            raise ValueError("fastdiff.diffusers.AttnProcessor runs non-causal attention only, but this "
+                             "Attention module has is_causal=True")
 
         residual = hidden_states
         if attn.spatial_norm is not None:

@@ -425,11 +425,11 @@ def test_errors():
         big(hidden)
     added = _module(dict(query_dim=8, heads=2, dim_head=4, added_kv_proj_dim=6))
     added.set_processor(fdd.AttnProcessor())
-    with pytest.raises(NotImplementedError, match="added key/value"):
+    with pytest.raises(ValueError, match="added key/value"):
         added(hidden, encoder_hidden_states=_seeded(torch.float64, 1, 2, 6))
     causal = _module(dict(query_dim=8, heads=2, dim_head=4, is_causal=True))
     causal.set_processor(fdd.AttnProcessor())
-    with pytest.raises(NotImplementedError, match="is_causal"):
+    with pytest.raises(ValueError, match="is_causal"):
         causal(hidden)
 
 
