@@ -1,0 +1,19 @@
+"""fastdiff bench end to end at tiny sizes: shapes of another kind are skipped with the reason,
+op-only providers (sdpa) run only for their op, the CSV holds what ran."""
+import csv
+
+from fastdiff.benchmark import main
+
+
+def test_bench_cli_small(tmp_path, capsys):
+    out = tmp_path / "bench.csv"
+    rc = main(["--device", "cpu", "--ops", "attention,q_sample", "--sizes", "small,1x2x33x77x16", "--modes", "fwd",
+               "--no-compile", "--reps", "2", "--csv", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "skipping attention at 16x4x32x32: attention sizes are B x H x Nq x Nk x D" in text
+    rows = list(csv.DictReader(open(out)))
+    ran = {(r["op"], r["provider"], r["x_value"]) for r in rows if r["metric"] == "time"}
+    assert ("attention", "cpu", "1x2x33x77x16") in ran and ("attention", "sdpa", "1x2x33x77x16") in ran
+    assert ("q_sample", "cpu", "16x4x32x32") in ran
+    assert not any(op == "q_sample" and p == "sdpa" for op, p, _ in ran)  # sdpa runs attention only
