@@ -379,29 +379,30 @@ class _FusedSchedulerMixin:
         plan = self._plan_noise(original_samples, noise, timesteps, "original_samples", "noise")
         return plan if isinstance(plan, str) else None
 
+    def _fused_or_diffusers(self, method: str, x, noise, timesteps, x_name: str, fused):
+        """diffusers' ``method``(x, noise, timesteps) as ``fused(t, schedule)``, or diffusers' own
+        method when the arguments need it (the plan says why)."""
+        if isinstance(x, torch.Tensor):  # diffusers' side effect, kept
+            self.alphas_cumprod = self.alphas_cumprod.to(device=x.device)
+        plan = self._plan_noise(x, noise, timesteps, x_name, "noise")
+        if isinstance(plan, str):
+            _log_fallback(self, method, plan)
+            return getattr(super(), method)(x, noise, timesteps)
+        return fused(*plan)
+
     def add_noise(self, original_samples, noise, timesteps):
         """diffusers' add_noise (sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise) in one fused
         pass (fastdiff.q_sample), differentiable in original_samples and noise."""
-        if isinstance(original_samples, torch.Tensor):  # diffusers' side effect, kept
-            self.alphas_cumprod = self.alphas_cumprod.to(device=original_samples.device)
-        plan = self._plan_noise(original_samples, noise, timesteps, "original_samples", "noise")
-        if isinstance(plan, str):
-            _log_fallback(self, "add_noise", plan)
-            return super().add_noise(original_samples, noise, timesteps)
-        t, schedule = plan
-        return q_sample(original_samples, t, noise, schedule, backend=self.fastdiff_backend)
+        return self._fused_or_diffusers(
+            "add_noise", original_samples, noise, timesteps, "original_samples",
+            lambda t, schedule: q_sample(original_samples, t, noise, schedule, backend=self.fastdiff_backend))
 
     def get_velocity(self, sample, noise, timesteps):
         """diffusers' get_velocity, sqrt(alpha_bar_t) noise - sqrt(1 - alpha_bar_t) sample, as
         fastdiff.q_sample(noise, t, -sample): one negation and one fused pass."""
-        if isinstance(sample, torch.Tensor):
-            self.alphas_cumprod = self.alphas_cumprod.to(device=sample.device)
-        plan = self._plan_noise(sample, noise, timesteps, "sample", "noise")
-        if isinstance(plan, str):
-            _log_fallback(self, "get_velocity", plan)
-            return super().get_velocity(sample, noise, timesteps)
-        t, schedule = plan
-        return q_sample(noise, t, torch.neg(sample), schedule, backend=self.fastdiff_backend)
+        return self._fused_or_diffusers(
+            "get_velocity", sample, noise, timesteps, "sample",
+            lambda t, schedule: q_sample(noise, t, torch.neg(sample), schedule, backend=self.fastdiff_backend))
 
     def _output(self, prev_sample, pred_original_sample, return_dict):
         if not return_dict:

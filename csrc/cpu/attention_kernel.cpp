@@ -58,8 +58,10 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
 }
 
 // A (B, H, N, D) operand as the kernels read it: acc_t elements, row stride ld.
+// It holds the tensor it points into (a converted copy for fp16 / bf16).
 template <typename acc_t>
 struct Operand {
+  at::Tensor keep;
   const acc_t* data;
   int64_t sb, sh, ld;
   const acc_t* rows(int64_t b, int64_t h, int64_t n) const { return data + b * sb + h * sh + n * ld; }
@@ -68,12 +70,13 @@ struct Operand {
 // x in the accumulation type (a copy only for fp16 / bf16), with a row stride
 // BLAS accepts (>= D; a broadcast row stride is made dense).
 template <typename acc_t>
-std::pair<at::Tensor, Operand<acc_t>> operand(const at::Tensor& x) {
-  at::Tensor y = x.scalar_type() == c10::CppTypeToScalarType<acc_t>::value ? x : x.to(c10::CppTypeToScalarType<acc_t>::value);
+Operand<acc_t> operand(const at::Tensor& x) {
+  constexpr auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  at::Tensor y = x.scalar_type() == acc ? x : x.to(acc);
   if (y.size(2) > 1 && y.stride(2) < y.size(3)) y = y.contiguous();
   if (y.size(3) > 1 && y.stride(3) != 1) y = y.contiguous();
   const int64_t ld = std::max<int64_t>(y.size(2) > 1 ? y.stride(2) : y.size(3), std::max<int64_t>(y.size(3), 1));
-  return {y, {y.const_data_ptr<acc_t>(), y.stride(0), y.stride(1), ld}};
+  return {y, y.const_data_ptr<acc_t>(), y.stride(0), y.stride(1), ld};
 }
 
 template <typename acc_t>
@@ -113,12 +116,9 @@ template <typename scalar_t>
 void attention_fwd_impl(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
                         const AttentionArgs& a, at::Tensor& out, at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto q_operand = operand<acc_t>(q_in);  // keeps a converted copy alive
-  const Operand<acc_t>& q = q_operand.second;
-  const auto k_operand = operand<acc_t>(k_in);  // keeps a converted copy alive
-  const Operand<acc_t>& k = k_operand.second;
-  const auto v_operand = operand<acc_t>(v_in);  // keeps a converted copy alive
-  const Operand<acc_t>& v = v_operand.second;
+  const Operand<acc_t> q = operand<acc_t>(q_in);
+  const Operand<acc_t> k = operand<acc_t>(k_in);
+  const Operand<acc_t> v = operand<acc_t>(v_in);
   const int64_t D = a.head_dim, Nq = a.q_len, Nk = a.kv_len, H = a.heads;
   const int64_t q_blocks = (Nq + kFwdBlockQ - 1) / kFwdBlockQ;
   scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
@@ -176,14 +176,10 @@ void attention_bwd_impl(const at::Tensor& grad_out_in, const at::Tensor& q_in, c
                         const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse, double scale,
                         const AttentionArgs& a, at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto q_operand = operand<acc_t>(q_in);  // keeps a converted copy alive
-  const Operand<acc_t>& q = q_operand.second;
-  const auto k_operand = operand<acc_t>(k_in);  // keeps a converted copy alive
-  const Operand<acc_t>& k = k_operand.second;
-  const auto v_operand = operand<acc_t>(v_in);  // keeps a converted copy alive
-  const Operand<acc_t>& v = v_operand.second;
-  const auto dout_operand = operand<acc_t>(grad_out_in);  // keeps a converted copy alive
-  const Operand<acc_t>& dout = dout_operand.second;
+  const Operand<acc_t> q = operand<acc_t>(q_in);
+  const Operand<acc_t> k = operand<acc_t>(k_in);
+  const Operand<acc_t> v = operand<acc_t>(v_in);
+  const Operand<acc_t> dout = operand<acc_t>(grad_out_in);
   const int64_t D = a.head_dim, Nq = a.q_len, Nk = a.kv_len, H = a.heads;
   const scalar_t* out_p = out.const_data_ptr<scalar_t>();
   const int64_t o_sb = out.stride(0), o_sh = out.stride(1), o_sn = out.stride(2);
