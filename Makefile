@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The torch this project is built and tested against (a CUDA build; it runs on CPU too).
 TORCH_SPEC ?= torch==2.14.1
-TEST_DEPS := numpy ninja tqdm pytest pytest-benchmark expecttest diffusers==0.42.1
+TEST_DEPS := numpy ninja tqdm pillow pytest pytest-benchmark expecttest diffusers==0.42.1
 BENCH_ARGS ?= --csv benchmarks/results/latest.csv
 # nvcc's standard home; the nvcc on PATH may be a wrapper that misleads torch.
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
