@@ -68,8 +68,10 @@ class DiagonalGaussian:
     def mode(self) -> torch.Tensor:
         return self.mean
 
-    def sample_and_kl(self, generator=None):
-        """(z, per-sample KL) from one fused pass over mean, logvar and the noise."""
+    def sample_and_kl(self, generator=None, noise=None):
+        """(z, per-sample KL) from one fused pass over mean, logvar and the noise (drawn from
+        ``generator`` unless given)."""
         if self.deterministic:
             return self.sample(generator), self.kl()
-        return sample_and_kl(self.mean, self.logvar, self._noise(generator), backend=self.backend)
+        noise = self._noise(generator) if noise is None else noise
+        return sample_and_kl(self.mean, self.logvar, noise, backend=self.backend)

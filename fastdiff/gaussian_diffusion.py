@@ -58,15 +58,21 @@ class GaussianDiffusion:
                              f"{self.variance_type!r} with {channels} data channels needs {want}")
         return output[:, :channels] if self.variance_type == "learned_range" else output
 
-    def training_loss(self, x0, *, generator=None, model_kwargs=None):
-        """The mean training loss over the batch x0 (B, C, ...), a scalar."""
+    def training_loss(self, x0, *, generator=None, model_kwargs=None, t=None, noise=None):
+        """The mean training loss over the batch x0 (B, C, ...), a scalar. ``t`` (B,) and ``noise``
+        (x0's shape) are drawn from ``generator`` unless given (data-parallel training draws them
+        for the global batch and hands each rank its share)."""
         if not isinstance(x0, torch.Tensor) or x0.dim() < 2 or x0.shape[0] == 0:
             raise ValueError(f"x0 must be a non-empty batch (B, C, ...), got "
                              f"{tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__}")
         b, device = x0.shape[0], x0.device
         rand_device = generator.device if generator is not None else device
-        t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device=rand_device).to(device)
-        noise = randn_like_diffusers(x0.shape, generator, device, x0.dtype)
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device=rand_device).to(device)
+        if noise is None:
+            noise = randn_like_diffusers(x0.shape, generator, device, x0.dtype)
+        elif noise.shape != x0.shape:
+            raise ValueError(f"noise must have x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
         x_t = q_sample(x0, t, noise, self.schedule, backend=self.backend)
         output = self.model(x_t, t, **(model_kwargs or {}))
         loss = diffusion_loss(self._prediction(output, x0.shape[1]), x0, noise, t, self.schedule,

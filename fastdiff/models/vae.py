@@ -50,10 +50,11 @@ class EagerDiagonalGaussian(DiagonalGaussian):
             return reference.gaussian_kl(self.mean, self.logvar, "sum_per_sample")
         return super().kl(other)
 
-    def sample_and_kl(self, generator=None):
+    def sample_and_kl(self, generator=None, noise=None):
         if self.deterministic:
             return super().sample_and_kl(generator)
-        return reference.sample_and_kl(self.mean, self.logvar, self._noise(generator), "sum_per_sample")
+        noise = self._noise(generator) if noise is None else noise
+        return reference.sample_and_kl(self.mean, self.logvar, noise, "sum_per_sample")
 
 
 class ResBlock(torch.nn.Module):
@@ -263,7 +264,7 @@ class VAE(torch.nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
 
-    def loss(self, x, beta=1e-6, generator=None):
+    def loss(self, x, beta=1e-6, generator=None, noise=None):
         """The negative ELBO as VAE training uses it: (loss, {"recon": ..., "kl": ...}) with
 
             recon = mean squared error between decode(z) and x, averaged over ALL elements
@@ -272,12 +273,12 @@ class VAE(torch.nn.Module):
                     averaged over the batch (diffusers' posterior.kl().mean()),
             loss  = recon + beta * kl,
 
-        z ~ q(z|x) drawn with ``generator``. The fused model takes z and the KL from one fused
+        z ~ q(z|x) drawn with ``generator`` (or from ``noise``, the latents' shape). The fused model takes z and the KL from one fused
         pass (``DiagonalGaussian.sample_and_kl``), the eager one from reference.sample_and_kl;
         both draw the same noise from the same generator.
         """
         posterior = self.encode(x)
-        z, kl = posterior.sample_and_kl(generator)
+        z, kl = posterior.sample_and_kl(generator, noise)
         recon = F.mse_loss(self.decode(z), x)
         kl = kl.mean()
         return recon + beta * kl, {"recon": recon, "kl": kl}
