@@ -1,4 +1,4 @@
-"""The `fastdiff` command: info, kernels (compile report), bench."""
+"""The `fastdiff` command: train, info, kernels (compile report), bench."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +34,12 @@ def _kernels(argv):
     return kernel_report.run(archs)
 
 
+def _train(argv):
+    from .train.cli import main as train_main
+
+    return train_main(argv)
+
+
 def _bench(argv):
     from . import benchmark
 
@@ -43,6 +49,7 @@ def _bench(argv):
 COMMANDS = {
     "info": (_info, "versions, what fastdiff._C holds, which backends run where and why not"),
     "kernels": (_kernels, "compile report of every kernel (registers, spills, shared memory)"),
+    "train": (_train, "train a DDPM U-Net or a VAE on the fused ops (the main job; torchrun for DDP)"),
     "bench": (_bench, "benchmark every op: reference vs torch.compile vs fastdiff backends"),
 }
 

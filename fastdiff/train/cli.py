@@ -82,8 +82,8 @@ class StopFlag:
             print(f"\nfastdiff train: {signal.Signals(signum).name} received, stopping after this step "
                   f"(checkpointing)", file=sys.stderr, flush=True)
 
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
 def _distributed_env():
@@ -121,7 +121,7 @@ def _train(cfg, rank, world_size, local_rank, progress) -> int:
         if device.type == "cuda":
             torch.cuda.set_device(device)
     stop = StopFlag()
-    stop.install()
+    restore_signals = stop.install()
     try:
         trainer = Trainer(cfg, rank=rank, world_size=world_size, local_rank=local_rank, progress=progress)
         if cfg.resume:
@@ -140,5 +140,6 @@ def _train(cfg, rank, world_size, local_rank, progress) -> int:
             return 128 + stop.signum
         return 0
     finally:
+        restore_signals()
         if world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,187 @@
+"""`fastdiff train`: exact resume, torchrun/DDP equivalence, interruption, clean errors, outputs.
+
+Runs are tiny (16x16 images, batch 4, a few steps) so the file stays quick on a 2-core CPU.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from fastdiff.train.cli import main
+from fastdiff.train.trainer import CHECKPOINT, load_checkpoint
+
+TINY = ["--image-size", "16", "--batch", "4", "--num-images", "64", "--num-samples", "4", "--sample-steps", "2",
+        "--log-every", "1", "--no-progress"]
+
+
+def run(out, *args):
+    return main([*TINY, "--out", str(out), *args])
+
+
+def params(out, key="model"):
+    return load_checkpoint(os.path.join(out, CHECKPOINT))[key]
+
+
+def assert_bitwise(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("model,extra", [("ddpm", []), ("vae", ["--image-size", "16"]), ("ddpm", ["--reference"])])
+def test_resume_is_bitwise_exact(tmp_path, model, extra):
+    """K steps, then --resume to 2K, equals 2K steps in one run: weights, EMA, optimizer, step."""
+    assert run(tmp_path / "once", "--model", model, "--steps", "4", *extra) == 0
+    assert run(tmp_path / "twice", "--model", model, "--steps", "2", *extra) == 0
+    assert run(tmp_path / "twice", "--model", model, "--steps", "4", "--resume", *extra) == 0
+    once, twice = (load_checkpoint(tmp_path / d / CHECKPOINT) for d in ("once", "twice"))
+    assert once["step"] == twice["step"] == 4
+    assert_bitwise(once["model"], twice["model"])
+    assert_bitwise(once["ema"], twice["ema"])
+    assert torch.equal(once["generator"], twice["generator"])
+    for s1, s2 in zip(once["optimizer"]["state"].values(), twice["optimizer"]["state"].values()):
+        assert torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"])
+    # the resumed run's metrics.csv has every step once, with the uninterrupted run's losses
+    rows = [line.split(",") for line in (tmp_path / "twice" / "metrics.csv").read_text().splitlines()[1:]]
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
+    ref = [line.split(",") for line in (tmp_path / "once" / "metrics.csv").read_text().splitlines()[1:]]
+    assert [r[1] for r in rows] == [r[1] for r in ref]
+
+
+def test_outputs(tmp_path):
+    assert run(tmp_path, "--steps", "3", "--sample-every", "2") == 0
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["step"] == 3 and summary["fused"] and not summary["interrupted"]
+    assert summary["final_loss"] > 0 and summary["images_per_s"] > 0
+    for name in ("samples.png", "samples_000002.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.size == (2 * 16 + 3 * 2,) * 2  # 4 samples: a 2 x 2 grid, 2-pixel padding
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+
+def test_vae_samples_are_inputs_over_reconstructions(tmp_path):
+    assert run(tmp_path, "--model", "vae", "--steps", "1", "--num-samples", "8") == 0
+    with Image.open(tmp_path / "samples.png") as im:
+        assert im.size == (4 * 16 + 5 * 2, 2 * 16 + 3 * 2)  # a row of 4 inputs over their reconstructions
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_runs(tmp_path, amp):
+    assert run(tmp_path, "--steps", "2", "--amp", amp) == 0
+    state = load_checkpoint(tmp_path / CHECKPOINT)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["model"]["out.1.weight"].dtype == torch.float32  # autocast: fp32 master weights
+
+
+def _torchrun(nproc, out, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           "0" if nproc == 1 else str(29500 + os.getpid() % 1000), "-m", "fastdiff", "train", *TINY,
+           "--out", str(out), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    """2 gloo ranks of batch 2 each end with the weights of 1 process of batch 4 (fp32 tolerance):
+    the same rows, timesteps and noise, gradients averaged by DDP."""
+    args = ["--steps", "3", "--batch", "4", "--no-ema", "--device", "cpu"]
+    assert run(tmp_path / "one", *args) == 0
+    res = _torchrun(2, tmp_path / "two", *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = params(tmp_path / "one"), params(tmp_path / "two")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == 2
+
+
+def test_ddp_batch_must_split(tmp_path):
+    res = _torchrun(2, tmp_path, "--steps", "1", "--batch", "3")
+    assert res.returncode != 0
+    assert "--batch 3 must be divisible by the number of processes (2)" in res.stderr
+
+
+def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
+    cmd = [sys.executable, "-m", "fastdiff", "train", *TINY, "--out", str(tmp_path), "--steps", "100000",
+           "--checkpoint-every", "1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err and "resume with --resume" in err + out
+    state = load_checkpoint(tmp_path / CHECKPOINT)
+    assert 2 < state["step"] < 100000
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    assert run(tmp_path, "--steps", str(state["step"] + 1), "--resume") == 0
+    assert load_checkpoint(tmp_path / CHECKPOINT)["step"] == state["step"] + 1
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "fastdiff", "train", *TINY, *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["--image-size", "15"], "--image-size 15"),
+    (["--model", "vae", "--image-size", "17"], "--image-size 17 must be divisible by 2"),
+    (["--steps", "0"], "--steps must be an integer >= 1"),
+    (["--config", "huge"], "--config 'huge' is not a ddpm config"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--num-images", "2"], "fewer than --batch 4"),
+    (["--reference", "--backend", "cpu"], "--reference trains the eager model"),
+])
+def test_user_errors_exit_2_without_traceback(tmp_path, args, message):
+    res = _cli("--out", str(tmp_path), "--steps", "1", *args)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_unreadable_image_is_a_clean_error(tmp_path):
+    data = tmp_path / "images"
+    data.mkdir()
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(data / "ok.png")
+    (data / "broken.png").write_bytes(b"not a png")
+    res = _cli("--out", str(tmp_path / "run"), "--data", str(data))
+    assert res.returncode == 2 and "broken.png" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_checkpoint_errors(tmp_path, capsys):
+    assert run(tmp_path, "--steps", "1") == 0
+    # an existing run is never overwritten without --resume
+    assert run(tmp_path, "--steps", "2") == 2
+    assert "pass --resume" in capsys.readouterr().err
+    # a model of another shape
+    assert run(tmp_path, "--steps", "2", "--resume", "--image-size", "8") == 2
+    assert "--image-size 16" in capsys.readouterr().err
+    # a truncated checkpoint
+    path = tmp_path / CHECKPOINT
+    path.write_bytes(path.read_bytes()[:1000])
+    assert run(tmp_path, "--steps", "2", "--resume") == 2
+    assert "cannot be read" in capsys.readouterr().err
+    # nothing to resume
+    assert run(tmp_path / "empty", "--steps", "2", "--resume") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_image_folder_and_npz_data(tmp_path):
+    import numpy as np
+
+    data = tmp_path / "images"
+    data.mkdir()
+    for i in range(4):
+        Image.new("RGB", (24, 20), (60 * i, 100, 200)).save(data / f"{i}.png")
+    assert run(tmp_path / "a", "--data", str(data), "--steps", "1") == 0
+    np.savez(tmp_path / "x.npz", images=np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8))
+    assert run(tmp_path / "b", "--data", str(tmp_path / "x.npz"), "--steps", "1") == 0
