@@ -14,6 +14,9 @@ What is replaced, found by walking the module tree:
   with the same parameters: the instance's class is switched).
 - ``nn.Sequential`` holding GroupNorm immediately followed by SiLU: the pair becomes
   GroupNormSiLU + Identity.
+- diffusers ``AutoencoderKL``: ``encode`` returns ``fastdiff.DiagonalGaussian`` (fused sample
+  and KL, same draws from the same generator) in place of DiagonalGaussianDistribution; the
+  instance's ``encode`` wraps diffusers' own.
 Everything else is left as it is; the report says what was replaced and what was left, and why.
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import reference
+from .distributions import DiagonalGaussian
 from .nn import AttentionBlock, GroupNormSiLU
 from .ops.group_norm_silu import group_norm_silu
 
@@ -92,10 +96,11 @@ def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
 def _diffusers_classes():
     try:
         from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
         from diffusers.models.resnet import ResnetBlock2D
     except ImportError:
         return None
-    return ResnetBlock2D, Attention, (AttnProcessor, AttnProcessor2_0)
+    return ResnetBlock2D, Attention, (AttnProcessor, AttnProcessor2_0), AutoencoderKL
 
 
 def _undo_list(model):
@@ -134,11 +139,29 @@ def patch(model: torch.nn.Module, *, backend=None) -> PatchReport:
         if isinstance(getattr(m, "conv_norm_out", None), torch.nn.GroupNorm) and _is_silu(getattr(m, "conv_act", None)):
             report.left.append((path, f"{type(m).__name__}.conv_norm_out + conv_act: called in turn by the "
                                       "model's own forward (one pair per model), left eager"))
-        if type(m).__name__ == "AutoencoderKL":
-            report.left.append((path, "AutoencoderKL's posterior (DiagonalGaussianDistribution) is built inside "
-                                      "diffusers' encode: left eager; fastdiff.DiagonalGaussian(posterior.parameters) "
-                                      "is the fused drop-in"))
+        if dc is not None and isinstance(m, dc[3]):
+            _patch_posterior(path, m, backend, report, undo)
     return report
+
+
+def _fused_encode(self, *args, **kwargs):
+    """diffusers' AutoencoderKL.encode, its posterior returned as fastdiff.DiagonalGaussian."""
+    out = type(self).encode(self, *args, **kwargs)
+    posterior = out[0] if isinstance(out, tuple) else out.latent_dist
+    fused = DiagonalGaussian(posterior.parameters, posterior.deterministic, backend=self._fastdiff_backend)
+    if isinstance(out, tuple):
+        return (fused, *out[1:])
+    out.latent_dist = fused
+    return out
+
+
+def _patch_posterior(path, vae, backend, report, undo):
+    if "encode" in vars(vae):
+        return  # already patched
+    vae.encode = types.MethodType(_fused_encode, vae)
+    vae._fastdiff_backend = backend
+    undo.append(lambda v=vae: (delattr(v, "encode"), delattr(v, "_fastdiff_backend")))
+    report.replaced.append((path, "AutoencoderKL.encode: posterior -> fastdiff.DiagonalGaussian (fused sample + KL)"))
 
 
 def _patch_sequential(path, seq, backend, report, undo):

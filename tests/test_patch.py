@@ -156,3 +156,38 @@ def test_sequential_pairs_and_what_is_left():
     assert not report.replaced and "nonlinearity is Mish, not SiLU" in str(report)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         fastdiff.patch("unet")
+
+
+def test_autoencoder_kl_posterior_is_fused():
+    """The patched AutoencoderKL's encode returns fastdiff.DiagonalGaussian: the ELBO terms of a
+    VAE training step (sample with a generator, KL to N(0, I)) and every gradient match diffusers'."""
+    torch.manual_seed(0)
+    eager = _randomize(_vae().double(), seed=1)
+    patched = copy.deepcopy(eager)
+    report = fastdiff.patch(patched, backend="cpu")
+    assert any("AutoencoderKL.encode" in what for _, what in report.replaced), str(report)
+    x = _inputs("vae")["sample"]
+
+    def elbo_step(model):
+        model.zero_grad()
+        posterior = model.encode(x).latent_dist
+        z = posterior.sample(generator=torch.Generator().manual_seed(5))
+        loss = (model.decode(z).sample - x).square().mean() + 1e-3 * posterior.kl().mean()
+        loss.backward()
+        return posterior, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    post_e, loss_e, grads_e = elbo_step(eager)
+    post_p, loss_p, grads_p = elbo_step(patched)
+    assert isinstance(post_p, fastdiff.DiagonalGaussian) and not isinstance(post_e, fastdiff.DiagonalGaussian)
+    assert_close(loss_p, loss_e, 1e-12, 1e-10, "loss")
+    for k in grads_e:
+        assert_close(grads_p[k], grads_e[k], 1e-10 * max(grads_e[k].abs().max().item(), 1.0), 1e-8, f"d {k}")
+    # return_dict=False and the model's own forward (posterior sample with a generator)
+    (post_t,) = patched.encode(x, return_dict=False)
+    assert isinstance(post_t, fastdiff.DiagonalGaussian)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert_close(patched(x, sample_posterior=True, generator=g1).sample,
+                 eager(x, sample_posterior=True, generator=g2).sample, 1e-12, 1e-10, "forward")
+    fastdiff.unpatch(patched)
+    assert "encode" not in vars(patched)
+    assert not isinstance(patched.encode(x).latent_dist, fastdiff.DiagonalGaussian)

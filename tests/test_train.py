@@ -185,3 +185,11 @@ def test_image_folder_and_npz_data(tmp_path):
     assert run(tmp_path / "a", "--data", str(data), "--steps", "1") == 0
     np.savez(tmp_path / "x.npz", images=np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8))
     assert run(tmp_path / "b", "--data", str(tmp_path / "x.npz"), "--steps", "1") == 0
+
+
+def test_compare_prints_each_side(capsys):
+    assert main([*TINY, "--compare", "--compare-steps", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out.strip().splitlines()[-1])["compare"]
+    assert [r["side"] for r in rows] == ["reference", "fused"]
+    assert rows[0]["speedup"] == 1.0 and all(r["images_per_s"] > 0 and r["peak_step_mb"] > 0 for r in rows)
