@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from .._backend import BackendError
 from .trainer import AMP_DTYPES, MODELS, TrainConfig, TrainError
 
 DEFAULTS = TrainConfig()
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
 
             return compare(cfg, steps=args.compare_steps)
         return _train(cfg, rank, world_size, local_rank, progress=not args.no_progress)
-    except TrainError as e:
+    except (TrainError, BackendError) as e:  # BackendError: the chosen --backend cannot run here
         print(f"fastdiff train: error: {e}", file=sys.stderr)
         return 2
 

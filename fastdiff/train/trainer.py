@@ -100,6 +100,10 @@ class TrainConfig:
             raise TrainError(f"--ema-decay must be in [0, 1), got {self.ema_decay!r}")
         if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
             raise TrainError(f"--grad-clip must be >= 0, got {self.grad_clip!r}")
+        from .._backend import BACKENDS
+
+        if self.backend not in (None, "auto", *BACKENDS):
+            raise TrainError(f"--backend must be auto or one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.reference and self.backend not in (None, "auto", "reference"):
             raise TrainError(f"--reference trains the eager model; --backend {self.backend!r} does not apply")
 
