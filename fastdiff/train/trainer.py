@@ -53,7 +53,7 @@ class TrainConfig:
     data: str | None = None        # None / "shapes": the embedded dataset; a folder, .npz or .pt
     num_images: int = 4096         # size of the embedded dataset
     steps: int = 1000              # total optimizer steps (a resumed run continues to this)
-    batch: int = 32                # global batch (split across torchrun ranks)
+    batch: int = 16                # global batch (split across torchrun ranks)
     image_size: int = 32
     channels: int = 3
     lr: float = 1e-3
