@@ -15,17 +15,14 @@ import argparse
 import csv
 import datetime
 import json
-import os
-import subprocess
 import sys
-import threading
-import time
 
 import torch
 
 import fastdiff
 from fastdiff import reference
 from fastdiff.benchmark import OpCase, parse_size, pytest_params, pytest_run, shape_str
+from fastdiff.train.measure import peak_step_memory, run_isolated
 
 OP = "attention_block"
 HEAD_CHANNELS = 64
@@ -97,54 +94,24 @@ CASE = OpCase(
 
 # -- peak memory ------------------------------------------------------------------------
 
-def _rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _step_peak(step):
-    """Peak RSS growth (bytes) while ``step()`` runs, sampled from a thread."""
-    base = _rss_bytes()
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.0002)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    try:
-        step()
-    finally:
-        done.set()
-        thread.join()
-    return max(peak[0], _rss_bytes()) - base
-
-
 def _measure_one(provider, shape):
     from fastdiff.benchmark import make_runner
 
     inputs = setup(shape, torch.device("cpu"), torch.float32)
     run = make_runner(CASE, provider, "full", inputs)
     run()  # warm-up (compiles)
-    return _step_peak(run)
+    return peak_step_memory(run)
 
 
 def measure_memory(sizes, providers, out_csv=None):
     """Runs each (size, provider) in a fresh subprocess; prints a table, optionally writes CSV rows."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     rows = []
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     for shape in sizes:
         peaks = {}
         for p in providers:
-            res = subprocess.run([sys.executable, "-m", "fastdiff.benchmarks.bench_attention_block", "--measure-one",
-                                  p, shape_str(shape)], capture_output=True, text=True, env=env)
-            if res.returncode:
-                raise RuntimeError(f"{p} {shape_str(shape)}: {res.stderr[-2000:]}")
-            peaks[p] = json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"]
+            peaks[p] = run_isolated("fastdiff.benchmarks.bench_attention_block",
+                                    ["--measure-one", p, shape_str(shape)])["peak_bytes"]
         ref = peaks.get("reference")
         for p, b in peaks.items():
             ratio = b / ref if ref else float("nan")

@@ -76,13 +76,17 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        # fused model: the embedding and the skip are added in place into the conv outputs (no
+        # conv saves its output for backward), two fewer (B, C, H, W) tensors written per block
+        self.add_in_place = blocks.fused
 
     def forward(self, x, emb_act):
         """emb_act: SiLU(emb), shared by all blocks of one forward."""
         h = self.conv1(self.norm1(x))
-        h = h + self.emb_proj(emb_act).to(h.dtype)[:, :, None, None]
+        emb = self.emb_proj(emb_act).to(h.dtype)[:, :, None, None]
+        h = h.add_(emb) if self.add_in_place else h + emb
         h = self.conv2(self.dropout(self.norm2(h)))
-        return self.skip(x) + h
+        return h.add_(self.skip(x)) if self.add_in_place else self.skip(x) + h
 
 
 class Downsample(nn.Module):

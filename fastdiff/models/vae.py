@@ -69,11 +69,14 @@ class ResBlock(torch.nn.Module):
         self.conv2 = torch.nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = (torch.nn.Identity() if in_channels == out_channels
                      else torch.nn.Conv2d(in_channels, out_channels, 1))
+        # fused model: the skip is added in place into conv2's output (a conv does not save its
+        # output for backward): one fewer (B, C, H, W) tensor written per block
+        self.add_in_place = parts.fused
 
     def forward(self, x):
         h = self.conv1(self.norm1(x))
         h = self.conv2(self.norm2(h))
-        return self.skip(x) + h
+        return h.add_(self.skip(x)) if self.add_in_place else self.skip(x) + h
 
 
 class Downsample(torch.nn.Module):
