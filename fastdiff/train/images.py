@@ -62,6 +62,10 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, padding: int 
         with os.fdopen(fd, "wb") as f:
             # The temp name does not end in .png, so the format is given.
             picture.save(f, format="PNG")
+        # mkstemp makes the file private (0600); a picture gets the usual umask-based mode
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
