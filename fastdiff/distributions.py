@@ -73,5 +73,5 @@ class DiagonalGaussian:
         ``generator`` unless given)."""
         if self.deterministic:
             return self.sample(generator), self.kl()
-        noise = self._noise(generator) if noise is None else noise
+        noise = self._noise(generator) if noise is None else noise.to(self.mean.dtype)  # autocast: mean is bf16/fp16
         return sample_and_kl(self.mean, self.logvar, noise, backend=self.backend)

@@ -53,7 +53,7 @@ class EagerDiagonalGaussian(DiagonalGaussian):
     def sample_and_kl(self, generator=None, noise=None):
         if self.deterministic:
             return super().sample_and_kl(generator)
-        noise = self._noise(generator) if noise is None else noise
+        noise = self._noise(generator) if noise is None else noise.to(self.mean.dtype)  # autocast: mean is bf16/fp16
         return reference.sample_and_kl(self.mean, self.logvar, noise, "sum_per_sample")
 
 

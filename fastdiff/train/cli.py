@@ -72,8 +72,8 @@ class StopFlag:
     def __init__(self):
         self.signum = None
 
-    def __call__(self):
-        return self.signum is not None
+    def __call__(self) -> int:
+        return self.signum or 0
 
     def install(self):
         def handler(signum, frame):
@@ -107,6 +107,9 @@ def main(argv=None) -> int:
     except (TrainError, BackendError) as e:  # BackendError: the chosen --backend cannot run here
         print(f"fastdiff train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (or one during --compare): the last checkpoint is intact
+        print("fastdiff train: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def _train(cfg, rank, world_size, local_rank, progress) -> int:
@@ -117,7 +120,7 @@ def _train(cfg, rank, world_size, local_rank, progress) -> int:
 
     cfg.check()
     if world_size > 1:
-        device = resolve_device(cfg.device, local_rank)
+        device = resolve_device(cfg.device, local_rank, world_size)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -128,7 +131,11 @@ def _train(cfg, rank, world_size, local_rank, progress) -> int:
         if cfg.resume:
             step = trainer.resume()
             trainer.log(f"resumed from {trainer.checkpoint_path} at step {step}")
-        elif rank == 0 and os.path.exists(trainer.checkpoint_path):
+            if step >= cfg.steps:
+                trainer.log(f"the checkpoint is at step {step} >= --steps {cfg.steps}: nothing to train "
+                            f"(pass a larger --steps to go on)")
+                return 0
+        elif os.path.exists(trainer.checkpoint_path):  # every rank checks: all exit, none waits
             raise TrainError(f"{trainer.checkpoint_path} exists: pass --resume to continue that run, "
                              f"or choose another --out")
         if world_size > 1:
@@ -138,7 +145,7 @@ def _train(cfg, rank, world_size, local_rank, progress) -> int:
             print(json.dumps(summary, indent=2))
         if summary["interrupted"]:
             trainer.log(f"stopped at step {summary['step']}; resume with --resume --out {cfg.out}")
-            return 128 + stop.signum
+            return 128 + summary["interrupted"]
         return 0
     finally:
         restore_signals()

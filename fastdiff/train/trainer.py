@@ -98,6 +98,8 @@ class TrainConfig:
             raise TrainError(f"--lr must be a positive number, got {self.lr!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise TrainError(f"--ema-decay must be in [0, 1), got {self.ema_decay!r}")
+        if not (self.beta >= 0 and math.isfinite(self.beta)):
+            raise TrainError(f"--beta must be a number >= 0, got {self.beta!r}")
         if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
             raise TrainError(f"--grad-clip must be >= 0, got {self.grad_clip!r}")
         from .._backend import BACKENDS
@@ -108,7 +110,7 @@ class TrainConfig:
             raise TrainError(f"--reference trains the eager model; --backend {self.backend!r} does not apply")
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -118,8 +120,17 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise TrainError(f"--device {name!r}: this machine has no usable CUDA GPU")
+        count = torch.cuda.device_count()
         if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            if local_rank >= count:
+                raise TrainError(f"local rank {local_rank} has no GPU of its own: this machine has {count}; "
+                                 f"launch at most {count} processes per node")
+            device = torch.device("cuda", local_rank)
+        elif world_size > 1:
+            raise TrainError(f"--device {name!r}: under torchrun each process takes the GPU of its local rank; "
+                             f"pass --device cuda")
+        elif device.index >= count:
+            raise TrainError(f"--device {name!r}: this machine has {count} GPU(s) (cuda:0..cuda:{count - 1})")
     elif device.type != "cpu":
         raise TrainError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
     return device
@@ -200,8 +211,15 @@ class Trainer:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.is_main = rank == 0
         self.progress, self.log = progress and self.is_main, log if rank == 0 else (lambda *a, **k: None)
-        self.device = resolve_device(cfg.device, local_rank)
+        self.device = resolve_device(cfg.device, local_rank, world_size)
         self.out = os.path.abspath(cfg.out)
+        if self.is_main:
+            try:
+                os.makedirs(self.out, exist_ok=True)
+            except OSError as e:
+                raise TrainError(f"--out {cfg.out!r} cannot be used as the run folder: {e.strerror}") from None
+            if not os.access(self.out, os.W_OK | os.X_OK):
+                raise TrainError(f"--out {cfg.out!r} is not writable")
         self.local_batch = cfg.batch // world_size
 
         try:
@@ -283,8 +301,8 @@ class Trainer:
         if self.ema is not None:
             # Warm-up (decay grows from 0.1 toward ema_decay): short runs still get a useful EMA.
             decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
-            ema_params, params = list(self.ema.parameters()), list(self.net.parameters())
-            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+            with torch.no_grad():  # else autograd records the update and the graph grows every step
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1.0 - decay)
         self.step += 1
         return loss.detach(), {k: v.detach() for k, v in parts.items()}
 
@@ -332,13 +350,16 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             if self.ema is not None:
                 self.ema.load_state_dict(state["ema"])
-            self.scaler.load_state_dict(state["scaler"])
+            if self.scaler.is_enabled() and state["scaler"]:  # empty: the run had no fp16 scaler
+                self.scaler.load_state_dict(state["scaler"])
             self.generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
             if self.device.type == "cuda" and "cuda_rng" in state:
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         except (KeyError, RuntimeError, ValueError) as e:
             raise TrainError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0][:300]}") from None
+        for group in self.optimizer.param_groups:  # --lr of this run, not the checkpoint's
+            group["lr"] = self.cfg.lr
         self.step = int(state["step"])
         return self.step
 
@@ -346,6 +367,12 @@ class Trainer:
 
     def sample_model(self):
         return self.ema if self.ema is not None else self.net
+
+    def _vae_grid(self):
+        """(rows, cols) of the VAE grid's input/reconstruction row pairs, within the dataset."""
+        n, available = self.cfg.num_samples, self.images.shape[0]
+        rows = min(max(1, math.isqrt(n) // 2), available)
+        return rows, max(1, min(n // (2 * rows), available // rows))
 
     @torch.no_grad()
     def samples(self) -> torch.Tensor:
@@ -362,8 +389,7 @@ class Trainer:
                 diffusion = GaussianDiffusion(model, self.schedule, backend=self.diffusion.backend)
                 return diffusion.sample(noise.shape, steps=min(self.cfg.sample_steps, 1000), sampler="ddim",
                                         noise=noise, progress=self.progress).float().cpu()
-            rows = max(1, math.isqrt(n) // 2)
-            cols = max(1, n // (2 * rows))
+            rows, cols = self._vae_grid()
             x = data_module.to_model_range(self.images[:rows * cols]).to(self.device)
             recon = model.decode(model.encode(x).mode()).float().cpu().clamp(-1, 1)
             pairs = torch.stack([x.cpu().view(rows, cols, *shape), recon.view(rows, cols, *shape)], dim=1)
@@ -376,22 +402,22 @@ class Trainer:
         if not self.is_main:
             return None
         images = self.samples()
-        rows = max(1, math.isqrt(self.cfg.num_samples) // 2)
-        nrow = None if self.cfg.model == "ddpm" else max(1, self.cfg.num_samples // (2 * rows))
+        nrow = None if self.cfg.model == "ddpm" else self._vae_grid()[1]
         path = os.path.join(self.out, name)
         save_grid(images, path, nrow=nrow)
         return path
 
     # -- the run ---------------------------------------------------------------------------
 
-    def _stop_agreed(self, stop_requested) -> bool:
-        """All ranks stop after the same step (one may have seen the signal before another)."""
-        flag = bool(stop_requested())
+    def _stop_agreed(self, stop_requested) -> int:
+        """The stop signal's number (0: go on), the same on all ranks: all stop after the same
+        step, also those the signal did not reach."""
+        signum = int(stop_requested() or 0)
         if self.world_size > 1:
-            t = torch.tensor([int(flag)], device=self.device if dist.get_backend() == "nccl" else "cpu")
+            t = torch.tensor([signum], device=self.device if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
+            signum = int(t.item())
+        return signum
 
     def _mean_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -400,10 +426,11 @@ class Trainer:
             values = values / self.world_size
         return values.cpu()
 
-    def run(self, stop_requested=lambda: False) -> dict:
+    def run(self, stop_requested=lambda: 0) -> dict:
         """Trains from ``self.step`` to cfg.steps, logging every log_every steps to metrics.csv,
         checkpointing every checkpoint_every steps and at the end (or when ``stop_requested()``
-        turns true: then returns with ``summary["interrupted"]``), writing samples grids."""
+        returns a signal number: then ``summary["interrupted"]`` is that number), writing samples
+        grids."""
         cfg = self.cfg
         metrics = MetricsLog(os.path.join(self.out, "metrics.csv"), self.step, enabled=self.is_main)
         from tqdm.auto import tqdm
@@ -411,12 +438,12 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True,
                    desc=f"{cfg.model} {'reference' if cfg.reference else 'fused'}")
         start_step, t_start = self.step, time.perf_counter()
-        t_log, sums, count, interrupted = t_start, None, 0, False
+        t_log, sums, count, interrupted = t_start, None, 0, 0
         throughput = []
         try:
             while self.step < cfg.steps:
-                if self._stop_agreed(stop_requested):
-                    interrupted = True
+                interrupted = self._stop_agreed(stop_requested)
+                if interrupted:
                     break
                 loss, parts = self.train_step()
                 values = torch.stack([loss.float(), *(v.float() for v in parts.values())])
@@ -468,8 +495,12 @@ class MetricsLog:
         self.path, self.enabled, self.last = path, enabled, {}
         self.rows, self.fields, self._file = [], None, None
         if enabled and os.path.exists(path):
-            with open(path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+            try:
+                with open(path, newline="") as f:
+                    self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+            except (KeyError, TypeError, ValueError):
+                raise TrainError(f"{path} is not a metrics.csv written by fastdiff train (a row without a "
+                                 f"step number); move it away to resume") from None
             if self.rows:
                 self.fields = list(self.rows[0])
 
