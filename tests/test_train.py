@@ -235,3 +235,21 @@ def test_out_that_is_a_file_is_a_clean_error(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert run(tmp_path / "file", "--steps", "1") == 2
     assert "cannot be used as the run folder" in capsys.readouterr().err
+
+
+def test_resume_mid_log_interval_keeps_the_metrics_rows(tmp_path):
+    """A run stopped (SIGTERM) inside a log interval checkpoints the interval's partial sums: the
+    resumed run's rows equal the uninterrupted run's (the same steps averaged)."""
+    from fastdiff.train.cli import build_parser, config_from_args
+    from fastdiff.train.trainer import Trainer
+
+    args = ["--steps", "4", "--log-every", "2", "--checkpoint-every", "0"]
+    assert run(tmp_path / "once", *args) == 0
+    cfg = config_from_args(build_parser().parse_args([*TINY, *args, "--out", str(tmp_path / "twice")]))
+    trainer = Trainer(cfg, progress=False)
+    summary = trainer.run(stop_requested=lambda: int(signal.SIGTERM) if trainer.step >= 3 else 0)
+    assert summary["interrupted"] == signal.SIGTERM and summary["step"] == 3
+    assert run(tmp_path / "twice", *args, "--resume") == 0
+    rows = {d: [line.split(",")[:2] for line in (tmp_path / d / "metrics.csv").read_text().splitlines()[1:]]
+            for d in ("once", "twice")}
+    assert rows["twice"] == rows["once"] and [r[0] for r in rows["once"]] == ["2", "4"]

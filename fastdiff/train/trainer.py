@@ -242,6 +242,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
+        # the losses summed since the last metrics row (checkpointed: a resumed run's rows average
+        # the same steps as an uninterrupted run's)
+        self.log_sums, self.log_count = None, 0
         self.schedule = NoiseSchedule.linear(1000).to(self.device)
 
         module = self.net if cfg.model == "ddpm" else VAELoss(self.net, cfg.beta)
@@ -316,7 +319,9 @@ class Trainer:
         state = {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(self.cfg), "step": self.step,
                  "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "generator": self.generator.get_state(),
-                 "torch_rng": torch.get_rng_state()}
+                 "torch_rng": torch.get_rng_state(), "log_count": self.log_count}
+        if self.log_sums is not None:
+            state["log_sums"] = self.log_sums.cpu()
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         if self.device.type == "cuda":
@@ -361,6 +366,7 @@ class Trainer:
         for group in self.optimizer.param_groups:  # --lr of this run, not the checkpoint's
             group["lr"] = self.cfg.lr
         self.step = int(state["step"])
+        self.log_sums, self.log_count = state.get("log_sums"), int(state.get("log_count", 0))
         return self.step
 
     # -- samples ---------------------------------------------------------------------------
@@ -438,7 +444,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True,
                    desc=f"{cfg.model} {'reference' if cfg.reference else 'fused'}")
         start_step, t_start = self.step, time.perf_counter()
-        t_log, sums, count, interrupted = t_start, None, 0, 0
+        t_log, timed, interrupted = t_start, 0, 0
         throughput = []
         try:
             while self.step < cfg.steps:
@@ -447,19 +453,21 @@ class Trainer:
                     break
                 loss, parts = self.train_step()
                 values = torch.stack([loss.float(), *(v.float() for v in parts.values())])
-                sums = values if sums is None else sums + values
-                count += 1
+                self.log_sums = values if self.log_sums is None else self.log_sums.to(values) + values
+                self.log_count += 1
+                timed += 1
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    means = self._mean_across_ranks(sums / count)
+                    means = self._mean_across_ranks(self.log_sums / self.log_count)
                     now = time.perf_counter()
-                    images_per_s = count * cfg.batch / (now - t_log)
+                    images_per_s = timed * cfg.batch / (now - t_log)
                     throughput.append(images_per_s)
                     row = {"step": self.step, "loss": means[0].item(),
                            **{k: means[i + 1].item() for i, k in enumerate(parts)},
                            "images_per_s": images_per_s, "elapsed_s": now - t_start}
                     metrics.write(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{images_per_s:.1f}", refresh=False)
-                    t_log, sums, count = now, None, 0
+                    t_log, timed = now, 0
+                    self.log_sums, self.log_count = None, 0
                 bar.update(1)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
