@@ -291,7 +291,8 @@ class Trainer:
 
     def train_step(self):
         """One optimizer step; returns (loss, parts) as detached tensors."""
-        x0 = data_module.to_model_range(self.images[self.batch_indices(self.step)]).to(self.device)
+        # uint8 to the device, converted there: a quarter of the bytes of a float copy
+        x0 = data_module.to_model_range(self.images[self.batch_indices(self.step)].to(self.device))
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             loss, parts = self.loss(x0)
         self.scaler.scale(loss).backward()
@@ -417,9 +418,11 @@ class Trainer:
 
     def _stop_agreed(self, stop_requested) -> int:
         """The stop signal's number (0: go on), the same on all ranks: all stop after the same
-        step, also those the signal did not reach."""
+        step, also those the signal did not reach (with several ranks, at the next log step)."""
         signum = int(stop_requested() or 0)
         if self.world_size > 1:
+            if self.step % self.cfg.log_every:
+                return 0  # ranks compare notes at log steps only (an all_reduce syncs the GPU)
             t = torch.tensor([signum], device=self.device if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             signum = int(t.item())
