@@ -349,6 +349,17 @@ class _FusedSchedulerMixin:
             self.__dict__["_fastdiff_schedule_cache"] = cache
         return cache
 
+    def _plan_timestep(self, timestep):
+        """(clip_range, schedule cache, t) that both steps need, or why the step cannot be fused (str)."""
+        clip_range, why = _clip_range(self.config)
+        if why:
+            return why
+        cache = self._fastdiff_cache()
+        if cache.error:
+            return cache.error
+        t, why = _scalar_timestep(timestep, len(cache.alpha_bar))
+        return why or (clip_range, cache, t)
+
     def _plan_noise(self, x, noise, timesteps, x_name: str, noise_name: str):
         """(t, schedule) for fastdiff.q_sample as diffusers' add_noise reads x, noise, timesteps;
         or why not (str)."""
@@ -475,16 +486,11 @@ class _FusedDDPM(_FusedSchedulerMixin):
             expected = (sample.shape[0], 2 * sample.shape[1]) + expected[2:]
         if tuple(model_output.shape) != expected:
             return f"model_output shape {tuple(model_output.shape)} != {expected} for variance_type={variance_type!r}"
-        clip_range, why = _clip_range(self.config)
-        if why:
-            return why
-        cache = self._fastdiff_cache()
-        if cache.error:
-            return cache.error
+        common = self._plan_timestep(timestep)
+        if isinstance(common, str):
+            return common
+        clip_range, cache, t = common
         num_timesteps = len(cache.alpha_bar)
-        t, why = _scalar_timestep(timestep, num_timesteps)
-        if why:
-            return why
         t_prev = int(self.previous_timestep(timestep))  # diffusers' own (raises as step does)
         if t_prev >= num_timesteps:
             return f"previous timestep {t_prev} is outside [0, {num_timesteps})"
@@ -578,15 +584,10 @@ class _FusedDDIM(_FusedSchedulerMixin):
                 return f"variance_noise shape {tuple(variance_noise.shape)} != sample shape {tuple(sample.shape)}"
             if variance_noise.requires_grad and torch.is_grad_enabled():
                 return "variance_noise requires grad (fastdiff.ddim_step treats noise as a constant)"
-        clip_range, why = _clip_range(self.config)
-        if why:
-            return why
-        cache = self._fastdiff_cache()
-        if cache.error:
-            return cache.error
-        t, why = _scalar_timestep(timestep, len(cache.alpha_bar))
-        if why:
-            return why
+        common = self._plan_timestep(timestep)
+        if isinstance(common, str):
+            return common
+        clip_range, cache, t = common
         t_prev = t - self.config.num_train_timesteps // int(steps)  # as diffusers computes it
         if t_prev < 0:
             final = float(self.final_alpha_cumprod)
