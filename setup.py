@@ -1,7 +1,8 @@
 """Build of fastdiff's C++/CUDA extension (the torch extension convention).
 
 Extensions:
-  fastdiff._C               operator schemas (csrc/fastdiff_ops.cpp) + CUDA kernels (csrc/cuda)
+  fastdiff._C               operator schemas (csrc/fastdiff_ops.cpp), the C++ autograd of the
+                            per-layer ops (csrc/autograd) + CUDA kernels (csrc/cuda)
   fastdiff._C_cpu_<cap>     the CPU kernels (csrc/cpu) compiled once per CPU capability
                             (default, avx2, avx512); fastdiff loads the best one the CPU runs.
 
@@ -128,12 +129,16 @@ def _cpu_extension(cap):
     )
 
 
+# Autograd kernels written in C++ (dispatch key Autograd: one build serves CPU and CUDA).
+AUTOGRAD_SOURCES = sorted(glob.glob("csrc/autograd/*.cpp"))
+
+
 def _extensions():
     use_cuda, why = _want_cuda()
     caps = _cpu_caps()
     include = [os.path.join(ROOT, "csrc", "include")]
     if use_cuda:
-        sources = ["csrc/fastdiff_ops.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
+        sources = ["csrc/fastdiff_ops.cpp"] + AUTOGRAD_SOURCES + sorted(glob.glob("csrc/cuda/*.cu"))
         main = CUDAExtension(
             "fastdiff._C",
             sources,
@@ -141,7 +146,7 @@ def _extensions():
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
         )
     else:
-        main = CppExtension("fastdiff._C", ["csrc/fastdiff_ops.cpp"], include_dirs=include,
+        main = CppExtension("fastdiff._C", ["csrc/fastdiff_ops.cpp"] + AUTOGRAD_SOURCES, include_dirs=include,
                             extra_compile_args=CXX_FLAGS)
     archs = os.environ["TORCH_CUDA_ARCH_LIST"] if use_cuda else ""
     config = (

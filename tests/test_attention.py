@@ -136,6 +136,12 @@ def test_strided_qkv_views_and_layouts(backend):
 
 
 @pytest.mark.parametrize("backend", CPU)
+def test_autograd_is_the_cpp_node(backend):
+    q, k, v = (x.requires_grad_(True) for x in _qkv(1, 2, 6, 9, 8, dtype=torch.float32))
+    assert "CppNode" in fastdiff.attention(q, k, v, backend=backend).grad_fn.name()
+
+
+@pytest.mark.parametrize("backend", CPU)
 def test_backward_is_deterministic(backend):
     q, k, v = _qkv(2, 2, 150, 700, 32, dtype=torch.float32, seed=5)
     grad_out = torch.randn_like(q)

@@ -145,6 +145,30 @@ def test_strided_input_and_empty_batch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_upstream_gradient_of_any_strides(backend):
+    """Autograd hands the backward whatever strides the consumer produced: an expanded
+    (stride 0) gradient from .sum(), a transposed one; each is taken to x's layout."""
+    x0, w0, b0, dy = _inputs((2, 8, 5, 6))
+    for name, xl in _layouts(x0):
+        for gname, grad in (("expanded", torch.ones(()).expand(x0.shape)),
+                            ("transposed", dy.transpose(2, 3).contiguous().transpose(2, 3))):
+            x, w, b = (t.clone().requires_grad_(True) for t in (xl, w0, b0))
+            got = torch.autograd.grad(fastdiff.group_norm_silu(x, 4, w, b, backend=backend), (x, w, b), grad)
+            xr, wr, br = (t.clone().requires_grad_(True) for t in (x0, w0, b0))
+            want = torch.autograd.grad(_eager(xr, 4, wr, br), (xr, wr, br), grad)
+            for a, r, what in zip(got, want, ("dx", "dweight", "dbias")):
+                assert_close(a, r, 1e-10, 1e-9, f"{name} {gname} {what}")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "cuda")])
+def test_autograd_is_the_cpp_node(backend):
+    """fastdiff:: ops record a C++ autograd node (csrc/autograd): no Python on the per-layer
+    path of a training step."""
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    assert "CppNode" in fastdiff.group_norm_silu(x, 4, backend=backend).grad_fn.name()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_parameter_dtype(backend):
     """bf16 activations with fp32 parameters (a model kept in fp32, activations cast): the
     parameters are used in fp32 and their gradients come back in fp32."""

@@ -162,7 +162,9 @@ def define_triton_op(name: str, launcher):
 
 
 def register(name: str, bwd_name: str, fake_fwd, fake_bwd, setup_context, make_backward, triton_fwd, triton_bwd):
-    """Fake kernels + autograd for fastdiff::<name> and fastdiff_triton::<name>."""
+    """Fake kernels + autograd for fastdiff::<name> and fastdiff_triton::<name>. The per-layer
+    ops (group_norm_silu, attention) have their fastdiff:: autograd in C++ (csrc/autograd):
+    those keep it, and the Python one here serves their Triton namespace only."""
     if not _C_loader.loaded_main:
         return
     define_triton_op(name, triton_fwd)
@@ -170,6 +172,8 @@ def register(name: str, bwd_name: str, fake_fwd, fake_bwd, setup_context, make_b
     for ns in NAMESPACES:
         torch.library.register_fake(f"{ns}::{name}")(fake_fwd)
         torch.library.register_fake(f"{ns}::{bwd_name}")(fake_bwd)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{name}", "Autograd"):
+            continue
         bwd_op = getattr(getattr(torch.ops, ns), bwd_name)
         torch.library.register_autograd(f"{ns}::{name}", make_backward(bwd_op), setup_context=setup_context)
 
