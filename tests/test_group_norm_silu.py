@@ -14,6 +14,7 @@ CASES = [  # (shape, groups)
     ((2, 64, 4, 4), 32),     # two channels per group
     ((2, 8, 3, 4, 5), 4),    # 3-D
     ((4, 6), 3),             # no spatial dims
+    ((2, 72, 5, 3), 8),      # channels-last: a full register block of channels + a partial vector
 ]
 LARGE = ((2, 64, 48, 48), 32)  # several CPU chunks per channel
 
