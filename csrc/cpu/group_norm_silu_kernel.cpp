@@ -114,6 +114,7 @@ void forward_nchw(const GroupNormArgs& a, const scalar_t* x, const at::opmath_ty
   using Vec = typename IO::Vec;
   const int64_t cpg = a.channels / a.groups, hw = a.hw;
   at::parallel_for(0, a.batch * a.groups, 1, [&](int64_t lo, int64_t hi) {
+    const bool act = silu;  // locals, not captures (see parallel_over_pixel_blocks)
     std::vector<ChannelSums> sums(cpg);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t c0 = (task % a.groups) * cpg;
@@ -129,7 +130,7 @@ void forward_nchw(const GroupNormArgs& a, const scalar_t* x, const at::opmath_ty
         const scalar_t* xr = x + base + c * hw;
         scalar_t* yr = y + base + c * hw;
         vector_steps<scalar_t>(0, hw, [&](int64_t i, int64_t len) {
-          IO::store(yr + i, norm_act(IO::load(xr + i, len), scale, shift, silu), len);
+          IO::store(yr + i, norm_act(IO::load(xr + i, len), scale, shift, act), len);
         });
       }
     }
@@ -148,6 +149,7 @@ void backward_nchw(const GroupNormArgs& a, const scalar_t* dy, const scalar_t* x
   at::parallel_for(0, a.batch * a.groups, 1, [&](int64_t lo, int64_t hi) {
     // da of the group, kept from pass 1 for pass 2 (no second sigmoid; cache-resident)
     std::vector<acc_t> da_buf(cpg * hw);
+    const bool act = silu;  // locals, not captures (see parallel_over_pixel_blocks)
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t n = task / a.groups, c0 = (task % a.groups) * cpg;
       const int64_t base = n * a.channels * hw;
@@ -158,15 +160,16 @@ void backward_nchw(const GroupNormArgs& a, const scalar_t* dy, const scalar_t* x
         const int64_t c = c0 + k;
         const Fold f = fold(mean, rstd, param(w, c, 1.0), param(b, c, 0.0));
         const Vec scale(acc_t(f.scale)), shift(acc_t(f.shift));
-        const int64_t row = base + c * hw;
+        const scalar_t* x_row = x + base + c * hw;
+        const scalar_t* dy_row = dy + base + c * hw;
         acc_t* da_row = da_buf.data() + k * hw;
         double s_da = 0, s_dax = 0;
         for (int64_t begin = 0; begin < hw; begin += kChunk) {
           Vec s1(acc_t(0)), s2(acc_t(0));
           vector_steps<scalar_t>(begin, std::min(begin + kChunk, hw), [&](int64_t i, int64_t len) {
-            const Vec xv = IO::load(x + row + i, len);
+            const Vec xv = IO::load(x_row + i, len);
             // tail lanes load dy = 0, so da = 0 there
-            const Vec da = norm_act_grad(xv, scale, shift, IO::load(dy + row + i, len), silu);
+            const Vec da = norm_act_grad(xv, scale, shift, IO::load(dy_row + i, len), act);
             da.store(da_row + i, len);
             s1 = s1 + da;
             s2 = at::vec::fmadd(da, at::vec::fmadd(xv, xhat_scale, xhat_shift), s2);
@@ -184,11 +187,12 @@ void backward_nchw(const GroupNormArgs& a, const scalar_t* dy, const scalar_t* x
       for (int64_t k = 0; k < cpg; ++k) {
         const int64_t c = c0 + k;
         const Vec scale(acc_t(fold(mean, rstd, param(w, c, 1.0), 0.0).scale));
-        const int64_t row = base + c * hw;
+        const scalar_t* x_row = x + base + c * hw;
+        scalar_t* dx_row = dx + base + c * hw;
         const acc_t* da_row = da_buf.data() + k * hw;
         vector_steps<scalar_t>(0, hw, [&](int64_t i, int64_t len) {
-          const Vec lin = at::vec::fmadd(c2, IO::load(x + row + i, len), c3);
-          IO::store(dx + row + i, at::vec::fmadd(scale, Vec::loadu(da_row + i, len), lin), len);
+          const Vec lin = at::vec::fmadd(c2, IO::load(x_row + i, len), c3);
+          IO::store(dx_row + i, at::vec::fmadd(scale, Vec::loadu(da_row + i, len), lin), len);
         });
       }
     }
@@ -198,6 +202,10 @@ void backward_nchw(const GroupNormArgs& a, const scalar_t* dy, const scalar_t* x
 // ---- channels-last ---------------------------------------------------------------------
 
 // Calls body(n, p0, p1) for each (sample n, pixel block [p0, p1)) in parallel.
+//
+// The bodies copy every pointer and size they use into locals first: the
+// vector stores are may-alias stores, so a pointer read through the closure's captures
+// would be reloaded after each of them (five extra loads per vector in the backward).
 template <typename F>
 void parallel_over_pixel_blocks(const GroupNormArgs& a, const F& body) {
   const int64_t blocks = (a.hw + kPixels - 1) / kPixels;
@@ -221,14 +229,15 @@ void forward_nhwc(const GroupNormArgs& a, const scalar_t* x, const at::opmath_ty
   // pass 1: per-(n, block, c) shifted sums about the sample's pixel 0
   std::vector<acc_t> part(a.batch * blocks * C * 2);
   parallel_over_pixel_blocks(a, [&](int64_t n, int64_t blk, int64_t p0, int64_t p1) {
-    const scalar_t* xs = x + n * a.hw * C;
-    acc_t* s1 = &part[((n * blocks + blk) * 2) * C];
-    acc_t* s2 = s1 + C;
-    std::fill(s1, s1 + 2 * C, acc_t(0));
+    const int64_t nch = C;  // locals, not captures (see parallel_over_pixel_blocks)
+    const scalar_t* xs = x + n * a.hw * nch;
+    acc_t* s1 = &part[((n * blocks + blk) * 2) * nch];
+    acc_t* s2 = s1 + nch;
+    std::fill(s1, s1 + 2 * nch, acc_t(0));
     // pixel-major: x streams in memory order; the 2C sums stay in L1
     for (int64_t p = p0; p < p1; ++p) {
-      vector_steps<scalar_t>(0, C, [&](int64_t c, int64_t len) {
-        const Vec d = IO::load(xs + p * C + c, len) - IO::load(xs + c, len);
+      vector_steps<scalar_t>(0, nch, [&](int64_t c, int64_t len) {
+        const Vec d = IO::load(xs + p * nch + c, len) - IO::load(xs + c, len);
         (Vec::loadu(s1 + c, len) + d).store(s1 + c, len);
         at::vec::fmadd(d, d, Vec::loadu(s2 + c, len)).store(s2 + c, len);
       });
@@ -261,11 +270,16 @@ void forward_nhwc(const GroupNormArgs& a, const scalar_t* x, const at::opmath_ty
     }
   }
   parallel_over_pixel_blocks(a, [&](int64_t n, int64_t, int64_t p0, int64_t p1) {
+    const int64_t nch = C;
+    const bool act = silu;
+    const acc_t* sc_n = scale.data() + n * nch;
+    const acc_t* sh_n = shift.data() + n * nch;
+    const scalar_t* xs = x + n * a.hw * nch;
+    scalar_t* ys = y + n * a.hw * nch;
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t off = (n * a.hw + p) * C;
-      vector_steps<scalar_t>(0, C, [&](int64_t c, int64_t len) {
-        const Vec sc = Vec::loadu(&scale[n * C + c], len), sh = Vec::loadu(&shift[n * C + c], len);
-        IO::store(y + off + c, norm_act(IO::load(x + off + c, len), sc, sh, silu), len);
+      vector_steps<scalar_t>(0, nch, [&](int64_t c, int64_t len) {
+        const Vec sc = Vec::loadu(sc_n + c, len), sh = Vec::loadu(sh_n + c, len);
+        IO::store(ys + p * nch + c, norm_act(IO::load(xs + p * nch + c, len), sc, sh, act), len);
       });
     }
   });
@@ -300,18 +314,24 @@ void backward_nhwc(const GroupNormArgs& a, const scalar_t* dy, const scalar_t* x
   // pass 1: per-(n, block, c) sums of da and da * xhat
   std::vector<acc_t> part(a.batch * blocks * C * 2);
   parallel_over_pixel_blocks(a, [&](int64_t n, int64_t blk, int64_t p0, int64_t p1) {
-    acc_t* s1 = &part[((n * blocks + blk) * 2) * C];
-    acc_t* s2 = s1 + C;
-    std::fill(s1, s1 + 2 * C, acc_t(0));
+    const int64_t nch = C;
+    const bool act = silu;
+    const acc_t *sc_n = scale.data() + n * nch, *sh_n = shift.data() + n * nch;
+    const acc_t *xsc_n = xs_scale.data() + n * nch, *xsh_n = xs_shift.data() + n * nch;
+    const scalar_t* xs = x + n * a.hw * nch;
+    const scalar_t* dys = dy + n * a.hw * nch;
+    scalar_t* dxs = dx + n * a.hw * nch;
+    acc_t* s1 = &part[((n * blocks + blk) * 2) * nch];
+    acc_t* s2 = s1 + nch;
+    std::fill(s1, s1 + 2 * nch, acc_t(0));
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t off = (n * a.hw + p) * C;
-      vector_steps<scalar_t>(0, C, [&](int64_t c, int64_t len) {
-        const int64_t nc = n * C + c;
-        const Vec xv = IO::load(x + off + c, len);
-        const Vec da = norm_act_grad(xv, Vec::loadu(&scale[nc], len), Vec::loadu(&shift[nc], len),
-                                     IO::load(dy + off + c, len), silu);
-        if constexpr (kKeepDa) IO::store(dx + off + c, da, len);
-        const Vec xhat = at::vec::fmadd(xv, Vec::loadu(&xs_scale[nc], len), Vec::loadu(&xs_shift[nc], len));
+      const int64_t off = p * nch;
+      vector_steps<scalar_t>(0, nch, [&](int64_t c, int64_t len) {
+        const Vec xv = IO::load(xs + off + c, len);
+        const Vec da = norm_act_grad(xv, Vec::loadu(sc_n + c, len), Vec::loadu(sh_n + c, len),
+                                     IO::load(dys + off + c, len), act);
+        if constexpr (kKeepDa) IO::store(dxs + off + c, da, len);
+        const Vec xhat = at::vec::fmadd(xv, Vec::loadu(xsc_n + c, len), Vec::loadu(xsh_n + c, len));
         (Vec::loadu(s1 + c, len) + da).store(s1 + c, len);
         at::vec::fmadd(da, xhat, Vec::loadu(s2 + c, len)).store(s2 + c, len);
       });
@@ -338,16 +358,22 @@ void backward_nhwc(const GroupNormArgs& a, const scalar_t* dy, const scalar_t* x
   }
   // pass 2: dx = scale da + c2 x + c3
   parallel_over_pixel_blocks(a, [&](int64_t n, int64_t, int64_t p0, int64_t p1) {
+    const int64_t nch = C;
+    const bool act = silu;
+    const acc_t *sc_n = scale.data() + n * nch, *sh_n = shift.data() + n * nch;
+    const acc_t *c2_n = c2.data() + n * nch, *c3_n = c3.data() + n * nch;
+    const scalar_t* xs = x + n * a.hw * nch;
+    const scalar_t* dys = dy + n * a.hw * nch;
+    scalar_t* dxs = dx + n * a.hw * nch;
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t off = (n * a.hw + p) * C;
-      vector_steps<scalar_t>(0, C, [&](int64_t c, int64_t len) {
-        const int64_t nc = n * C + c;
-        const Vec sc = Vec::loadu(&scale[nc], len);
-        const Vec xv = IO::load(x + off + c, len);
-        const Vec da = kKeepDa ? IO::load(dx + off + c, len)
-                               : norm_act_grad(xv, sc, Vec::loadu(&shift[nc], len), IO::load(dy + off + c, len), silu);
-        const Vec lin = at::vec::fmadd(Vec::loadu(&c2[nc], len), xv, Vec::loadu(&c3[nc], len));
-        IO::store(dx + off + c, at::vec::fmadd(sc, da, lin), len);
+      const int64_t off = p * nch;
+      vector_steps<scalar_t>(0, nch, [&](int64_t c, int64_t len) {
+        const Vec sc = Vec::loadu(sc_n + c, len);
+        const Vec xv = IO::load(xs + off + c, len);
+        const Vec da = kKeepDa ? IO::load(dxs + off + c, len)
+                               : norm_act_grad(xv, sc, Vec::loadu(sh_n + c, len), IO::load(dys + off + c, len), act);
+        const Vec lin = at::vec::fmadd(Vec::loadu(c2_n + c, len), xv, Vec::loadu(c3_n + c, len));
+        IO::store(dxs + off + c, at::vec::fmadd(sc, da, lin), len);
       });
     }
   });
