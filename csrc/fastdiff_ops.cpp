@@ -1,7 +1,8 @@
 // The one place every fastdiff operator schema is declared. Kernels register
 // against these names: csrc/cpu/*_kernel.cpp (built per CPU capability into
 // fastdiff._C_cpu_<cap>) and csrc/cuda/*_kernel.cu (built into fastdiff._C).
-// Fake kernels and autograd live in fastdiff/ops/<op>.py.
+// Fake kernels live in fastdiff/ops/<op>.py, and so does the autograd, but for the
+// per-layer ops group_norm_silu and attention, whose autograd is C++ (csrc/autograd).
 //
 // Integer codes: fastdiff/schedule_math.h (PredictionType, VarianceType).
 #include <Python.h>
@@ -53,7 +54,8 @@ TORCH_LIBRARY(fastdiff, m) {
       "_vb_loss_bwd(Tensor grad_loss, Tensor model_mean, Tensor model_log_variance, Tensor x0, "
       "Tensor x_t, Tensor t, Tensor posterior) -> (Tensor, Tensor)");
   // GroupNorm + SiLU (group_norm_math.h). x: (N, C, *) contiguous, or channels-last
-  // dense (C innermost: channels_last / channels_last_3d); y and grad_x keep x's layout.
+  // dense (C innermost: channels_last / channels_last_3d); y and grad_x keep x's layout;
+  // grad_y may have any strides (copied to x's layout when they differ).
   // weight / bias: (C,) in x's accumulation type (float; double for double) or None.
   // mean / rstd: (N, G) accumulation type. grad_weight / grad_bias: (C,), empty (0,)
   // when weight / bias is None. silu = false: plain GroupNorm.
@@ -68,7 +70,7 @@ TORCH_LIBRARY(fastdiff, m) {
   // k / v: (B, H, Nk, D), head dim contiguous (stride 1), other strides free.
   // out: (B, H, Nq, D) stored as (B, Nq, H, D) memory (a free view to (B, Nq, H * D)
   // for the output projection); lse: (B, H, Nq) contiguous, accumulation type,
-  // lse = log sum_j exp(scale q.k_j). grad_out: any strides, head dim contiguous.
+  // lse = log sum_j exp(scale q.k_j). grad_out: any strides (copied when the head dim's is not 1).
   // grad_q / grad_k / grad_v: stored as (B, N, H, D) memory like out.
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
   m.def(

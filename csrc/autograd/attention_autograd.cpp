@@ -1,5 +1,6 @@
 // Autograd of fastdiff::attention in C++ (as group_norm_silu_autograd.cpp, and
-// for the same reason: no Python on the per-layer path of a training step).
+// for the same reason: no Python on the per-layer path of a training step; no
+// size or stride reads and no outputs marked non-differentiable, as explained there).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -36,8 +37,7 @@ class Attention : public torch::autograd::Function<Attention> {
     auto [out, lse] = attention_below_autograd(q, k, v, scale);
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["scale"] = scale;
-    ctx->mark_non_differentiable({lse});
-    ctx->set_materialize_grads(false);  // lse gets no gradient
+    ctx->set_materialize_grads(false);  // no zero tensor for lse's (ignored) gradient
     return {out, lse};
   }
 
@@ -45,9 +45,7 @@ class Attention : public torch::autograd::Function<Attention> {
     const at::Tensor& grad_out = grads[0];
     if (!grad_out.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     const variable_list s = ctx->get_saved_variables();
-    // The kernels' contract: stride 1 along the head dim, any other strides.
-    const at::Tensor g = grad_out.size(3) <= 1 || grad_out.stride(3) == 1 ? grad_out : grad_out.contiguous();
-    auto [grad_q, grad_k, grad_v] = attention_bwd_op(g, s[0], s[1], s[2], s[3], s[4],
+    auto [grad_q, grad_k, grad_v] = attention_bwd_op(grad_out, s[0], s[1], s[2], s[3], s[4],
                                                      ctx->saved_data["scale"].toDouble());
     return {grad_q, grad_k, grad_v, at::Tensor()};
   }

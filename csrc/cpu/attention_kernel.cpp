@@ -255,12 +255,13 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q,  // (B, H,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
-    const at::Tensor& grad_out,  // (B, H, Nq, D), head dim contiguous
+    const at::Tensor& grad_out_in,  // (B, H, Nq, D), any strides (copied if the head dim's is not 1)
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out,       // the forward's, (B, Nq, H, D) memory
     const at::Tensor& lse,       // (B, H, Nq) accumulation type
     double scale) {
   const AttentionArgs a = check_attention_args(q, k, v);
+  const at::Tensor grad_out = head_dim_contiguous(grad_out_in);
   check_attention_saved(grad_out, out, lse, q);
   at::Tensor grad_q = attention_output_like(q);
   at::Tensor grad_k = attention_output_like(k);

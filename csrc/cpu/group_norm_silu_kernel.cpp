@@ -409,12 +409,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_cpu(
-    const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& grad_y_in, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
     bool silu) {
   const GroupNormArgs a = check_group_norm_args(x, weight, bias, num_groups, 1.0);
   check_group_stats(mean, rstd, x, a);
-  check_like(grad_y, "grad_y", x, "x");
+  const at::Tensor grad_y = in_layout_of(grad_y_in, "grad_y", x, "x");
   const auto acc = at::toOpMathType(x.scalar_type());
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_w = at::zeros({weight.has_value() ? a.channels : 0}, x.options().dtype(acc));

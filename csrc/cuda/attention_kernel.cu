@@ -678,17 +678,18 @@ std::tuple<at::Tensor, at::Tensor> attention_cuda(const at::Tensor& q,  // (B, H
 
 // Returns (grad_q, grad_k, grad_v), each (B, H, N, D) over (B, N, H, D) memory.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
-    const at::Tensor& grad_out,  // (B, H, Nq, D), any strides, head dim contiguous
+    const at::Tensor& grad_out_in,  // (B, H, Nq, D), any strides (copied if the head dim's is not 1)
     const at::Tensor& q,         // (B, H, Nq, D)
     const at::Tensor& k,         // (B, H, Nk, D)
     const at::Tensor& v,         // (B, H, Nk, D)
     const at::Tensor& out,       // the forward's, (B, H, Nq, D)
     const at::Tensor& lse,       // the forward's, (B, H, Nq) contiguous accumulation type
     double scale) {              // the forward's softmax scale
-  check_cuda({{&grad_out, "grad_out"}, {&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}, {&lse, "lse"}});
+  check_cuda({{&grad_out_in, "grad_out"}, {&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}, {&lse, "lse"}});
   const AttentionArgs a = check_attention_args(q, k, v);
-  check_attention_saved(grad_out, out, lse, q);
   const c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor grad_out = head_dim_contiguous(grad_out_in);
+  check_attention_saved(grad_out, out, lse, q);
   at::Tensor grad_q = attention_output_like(q);
   at::Tensor grad_k = attention_output_like(k);
   at::Tensor grad_v = attention_output_like(v);

@@ -631,7 +631,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(
 // Returns (grad_x, grad_weight, grad_bias): grad_x like x; grad_weight / grad_bias
 // (C,) in the accumulation type, empty (0,) when weight / bias is None.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_cuda(
-    const at::Tensor& grad_y,                 // like x
+    const at::Tensor& grad_y_in,              // x's shape, any strides (copied to x's layout if they differ)
     const at::Tensor& x,                      // (N, C, *) contiguous or channels-last
     const c10::optional<at::Tensor>& weight,  // (C,) acc type, or None
     const c10::optional<at::Tensor>& bias,    // (C,) acc type, or None
@@ -641,8 +641,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_cuda(
   check_cuda({{&x, "x"}});
   const GroupNormArgs a = check_group_norm_args(x, weight, bias, num_groups, 1.0);
   check_group_stats(mean, rstd, x, a);
-  check_like(grad_y, "grad_y", x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor grad_y = in_layout_of(grad_y_in, "grad_y", x, "x");
   const auto acc = at::toOpMathType(x.scalar_type());
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_w = at::empty({weight.has_value() ? a.channels : 0}, x.options().dtype(acc));

@@ -149,7 +149,9 @@ def rescale_precomputed(grads, grad_loss, grad_scale):
 # -- registration ------------------------------------------------------------------
 # The C++ ops live in torch.ops.fastdiff (CPU/CUDA kernels); the Triton launchers
 # are registered as torch.ops.fastdiff_triton with the same schemas, so both get
-# the same fake kernels and autograd and neither breaks a torch.compile graph.
+# the same fake kernels and backward math (in Python, but for the fastdiff::
+# per-layer ops, whose autograd is C++: see register) and neither breaks a
+# torch.compile graph.
 _triton_lib = torch.library.Library("fastdiff_triton", "DEF")
 NAMESPACES = ("fastdiff", "fastdiff_triton")
 

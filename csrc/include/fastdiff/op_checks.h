@@ -48,6 +48,18 @@ inline void check_like(const at::Tensor& x, const char* name, const at::Tensor& 
               ref_name, " is on ", ref.device());
 }
 
+// A backward's upstream gradient in ref's memory order: as it is when it already is, else
+// a copy. Autograd hands over whatever strides the consumer produced (stride-0 expanded from
+// .sum(), transposed); normalizing here, on real tensors, keeps the C++ autograd free of
+// stride reads, which would pin symbolic sizes under torch.compile.
+inline at::Tensor in_layout_of(const at::Tensor& grad, const char* name, const at::Tensor& ref,
+                               const char* ref_name) {
+  const at::Tensor g =
+      grad.is_non_overlapping_and_dense() && same_memory_order(grad, ref) ? grad : at::empty_like(ref).copy_(grad);
+  check_like(g, name, ref, ref_name);
+  return g;
+}
+
 // t / t_prev: int64 (B,); table: (T, kNumColumns) contiguous float64.
 inline void check_schedule(const at::Tensor& ref, const at::Tensor& t, const char* t_name,
                            const at::Tensor& table) {
@@ -258,6 +270,11 @@ inline void check_group_stats(const at::Tensor& mean, const at::Tensor& rstd, co
 struct AttentionArgs {
   int64_t batch, heads, q_len, kv_len, head_dim;
 };
+
+// x with stride 1 along the head dim (other strides as they are): a copy only when needed.
+inline at::Tensor head_dim_contiguous(const at::Tensor& x) {
+  return x.dim() == 4 && x.size(3) > 1 && x.stride(3) != 1 ? x.contiguous() : x;
+}
 
 inline void check_head_dim_contiguous(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 4, "fastdiff: attention needs ", name, " of shape (B, H, N, D), got ", x.sizes());
