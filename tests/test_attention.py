@@ -142,6 +142,13 @@ def test_autograd_is_the_cpp_node(backend):
 
 
 @pytest.mark.parametrize("backend", CPU)
+def test_double_backward_is_refused(backend):
+    q, k, v = (x.requires_grad_(True) for x in _qkv(1, 2, 6, 9, 8, dtype=torch.float32))
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(fastdiff.attention(q, k, v, backend=backend).square().sum(), (q, k, v), create_graph=True)
+
+
+@pytest.mark.parametrize("backend", CPU)
 def test_backward_is_deterministic(backend):
     q, k, v = _qkv(2, 2, 150, 700, 32, dtype=torch.float32, seed=5)
     grad_out = torch.randn_like(q)

@@ -169,6 +169,17 @@ def test_autograd_is_the_cpp_node(backend):
     assert "CppNode" in fastdiff.group_norm_silu(x, 4, backend=backend).grad_fn.name()
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "cuda")])
+def test_double_backward_is_refused(backend):
+    """The backward op has no autograd: create_graph=True through it (a gradient penalty)
+    raises instead of giving a wrong second derivative; first order is unaffected."""
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(fastdiff.group_norm_silu(x, 4, backend=backend).square().sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(fastdiff.group_norm_silu(x, 4, backend=backend).square().sum(), x)
+    assert not g.requires_grad
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_parameter_dtype(backend):
     """bf16 activations with fp32 parameters (a model kept in fp32, activations cast): the

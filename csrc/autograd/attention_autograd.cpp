@@ -5,6 +5,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "autograd_common.h"
+
 namespace fastdiff::autograd {
 namespace {
 
@@ -45,6 +47,7 @@ class Attention : public torch::autograd::Function<Attention> {
     const at::Tensor& grad_out = grads[0];
     if (!grad_out.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     const variable_list s = ctx->get_saved_variables();
+    check_first_order("attention", grad_out, s);
     auto [grad_q, grad_k, grad_v] = attention_bwd_op(grad_out, s[0], s[1], s[2], s[3], s[4],
                                                      ctx->saved_data["scale"].toDouble());
     return {grad_q, grad_k, grad_v, at::Tensor()};

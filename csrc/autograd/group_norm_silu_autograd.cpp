@@ -12,6 +12,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "autograd_common.h"
+
 namespace fastdiff::autograd {
 namespace {
 
@@ -58,6 +60,7 @@ class GroupNormSiLU : public torch::autograd::Function<GroupNormSiLU> {
     const at::Tensor& grad_y = grads[0];
     if (!grad_y.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     const variable_list saved = ctx->get_saved_variables();
+    check_first_order("group_norm_silu", grad_y, saved);
     auto [grad_x, grad_w, grad_b] =
         group_norm_silu_bwd_op(grad_y, saved[0], maybe(saved[1]), maybe(saved[2]), saved[3], saved[4],
                                ctx->saved_data["num_groups"].toInt(), ctx->saved_data["silu"].toBool());
