@@ -161,3 +161,17 @@ def test_gpu_backends(backend, dtype):
     gx, gn = torch.autograd.grad(out, (x0r, nr), g)
     sa = s.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
     assert_close(gx, (g.double() * sa).to(dtype), 1e-2, 1e-2, "grad x0")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_refused(backend):
+    """The backward op has no autograd (fastdiff/ops/_common.py first_order_only): a gradient
+    taken with create_graph=True that a second derivative would flow through raises; one whose
+    upstream gradient is a constant (the second derivative is zero anyway) does not."""
+    s = fastdiff.NoiseSchedule.linear(1000)
+    x0 = torch.randn(2, 3, 4, 4, requires_grad=True)
+    noise, t = torch.randn(2, 3, 4, 4), torch.tensor([1, 500])
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(fastdiff.q_sample(x0, t, noise, s, backend=backend).square().sum(), x0, create_graph=True)
+    (g,) = torch.autograd.grad(fastdiff.q_sample(x0, t, noise, s, backend=backend).sum(), x0, create_graph=True)
+    assert_close(g, s.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1).expand_as(x0).to(g.dtype), 1e-6, 1e-6, "d x_t / d x0")

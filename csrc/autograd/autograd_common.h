@@ -7,7 +7,8 @@
 namespace fastdiff::autograd {
 
 // The backward ops have no autograd of their own: a gradient taken with create_graph=True
-// through them would be silently wrong beyond first order, so it is refused.
+// through them would be silently wrong beyond first order, so it is refused (the Python
+// autograd of the other ops: fastdiff/ops/_common.py first_order_only).
 inline void check_first_order(const char* op, const at::Tensor& grad, const torch::autograd::variable_list& saved) {
   if (!at::GradMode::is_enabled()) return;
   bool needs = grad.requires_grad();

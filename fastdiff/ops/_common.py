@@ -163,6 +163,21 @@ def define_triton_op(name: str, launcher):
         _triton_lib.impl(name, launcher, key)
 
 
+def first_order_only(name: str, backward):
+    """``backward`` refusing create_graph=True: the backward ops have no autograd of their own,
+    so a second derivative through them would be silently wrong (PyTorch only warns). The C++
+    autograd of the per-layer ops does the same check (csrc/autograd/autograd_common.h)."""
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled() and (any(g is not None and g.requires_grad for g in grads) or any(
+                t is not None and t.requires_grad for t in ctx.saved_tensors)):
+            raise RuntimeError(f"fastdiff.{name} has no double backward: its gradient was taken with "
+                               "create_graph=True and would be wrong beyond first order; use "
+                               'backend="reference" for higher-order gradients (e.g. a gradient penalty)')
+        return backward(ctx, *grads)
+
+    return checked
+
+
 def register(name: str, bwd_name: str, fake_fwd, fake_bwd, setup_context, make_backward, triton_fwd, triton_bwd):
     """Fake kernels + autograd for fastdiff::<name> and fastdiff_triton::<name>. The per-layer
     ops (group_norm_silu, attention) have their fastdiff:: autograd in C++ (csrc/autograd):
@@ -177,7 +192,8 @@ def register(name: str, bwd_name: str, fake_fwd, fake_bwd, setup_context, make_b
         if torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::{name}", "Autograd"):
             continue
         bwd_op = getattr(getattr(torch.ops, ns), bwd_name)
-        torch.library.register_autograd(f"{ns}::{name}", make_backward(bwd_op), setup_context=setup_context)
+        torch.library.register_autograd(f"{ns}::{name}", first_order_only(name, make_backward(bwd_op)),
+                                        setup_context=setup_context)
 
 
 def op_namespace(backend: str):
