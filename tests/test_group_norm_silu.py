@@ -169,6 +169,24 @@ def test_autograd_is_the_cpp_node(backend):
     assert "CppNode" in fastdiff.group_norm_silu(x, 4, backend=backend).grad_fn.name()
 
 
+def test_backward_op_copies_strides_but_never_converts():
+    """torch.ops.fastdiff._group_norm_silu_bwd takes grad_y of any strides (copied to x's
+    layout) but refuses another dtype or shape instead of converting it."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("needs the C++ CPU kernels")
+    x, w, b, dy = _inputs((2, 8, 4, 4))
+    _, mean, rstd = torch.ops.fastdiff.group_norm_silu(x, w, b, 4, 1e-5, True)
+    bwd = torch.ops.fastdiff._group_norm_silu_bwd
+    want = bwd(dy, x, w, b, mean, rstd, 4, True)
+    got = bwd(dy.transpose(2, 3).contiguous().transpose(2, 3), x, w, b, mean, rstd, 4, True)
+    for g, r in zip(got, want):
+        assert torch.equal(g, r)
+    with pytest.raises(RuntimeError, match="grad_y dtype"):
+        bwd(dy.float(), x, w, b, mean, rstd, 4, True)
+    with pytest.raises(RuntimeError, match="grad_y shape"):
+        bwd(dy[:1], x, w, b, mean, rstd, 4, True)
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpu", "cuda")])
 def test_double_backward_is_refused(backend):
     """The backward op has no autograd: create_graph=True through it (a gradient penalty)

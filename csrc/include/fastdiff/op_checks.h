@@ -36,28 +36,34 @@ inline bool same_memory_order(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
-inline void check_like(const at::Tensor& x, const char* name, const at::Tensor& ref,
-                       const char* ref_name) {
+// Same shape, dtype and device (any strides).
+inline void check_same_meta(const at::Tensor& x, const char* name, const at::Tensor& ref,
+                            const char* ref_name) {
   TORCH_CHECK(x.sizes() == ref.sizes(), "fastdiff: ", name, " shape ", x.sizes(),
               " does not match ", ref_name, " shape ", ref.sizes());
-  TORCH_CHECK(same_memory_order(x, ref), "fastdiff: ", name, " strides ", x.strides(),
-              " lay out memory differently from ", ref_name, " strides ", ref.strides());
   TORCH_CHECK(x.scalar_type() == ref.scalar_type(), "fastdiff: ", name, " dtype ",
               x.scalar_type(), " differs from ", ref_name, " dtype ", ref.scalar_type());
   TORCH_CHECK(x.device() == ref.device(), "fastdiff: ", name, " is on ", x.device(), " but ",
               ref_name, " is on ", ref.device());
 }
 
+inline void check_like(const at::Tensor& x, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
+  check_same_meta(x, name, ref, ref_name);
+  TORCH_CHECK(same_memory_order(x, ref), "fastdiff: ", name, " strides ", x.strides(),
+              " lay out memory differently from ", ref_name, " strides ", ref.strides());
+}
+
 // A backward's upstream gradient in ref's memory order: as it is when it already is, else
-// a copy. Autograd hands over whatever strides the consumer produced (stride-0 expanded from
-// .sum(), transposed); normalizing here, on real tensors, keeps the C++ autograd free of
-// stride reads, which would pin symbolic sizes under torch.compile.
+// a copy (never a dtype or device conversion: those are errors). Autograd hands over
+// whatever strides the consumer produced (stride-0 expanded from .sum(), transposed);
+// normalizing here, on real tensors, keeps the C++ autograd free of stride reads, which
+// would pin symbolic sizes under torch.compile.
 inline at::Tensor in_layout_of(const at::Tensor& grad, const char* name, const at::Tensor& ref,
                                const char* ref_name) {
-  const at::Tensor g =
-      grad.is_non_overlapping_and_dense() && same_memory_order(grad, ref) ? grad : at::empty_like(ref).copy_(grad);
-  check_like(g, name, ref, ref_name);
-  return g;
+  check_same_meta(grad, name, ref, ref_name);
+  if (grad.is_non_overlapping_and_dense() && same_memory_order(grad, ref)) return grad;
+  return at::empty_like(ref).copy_(grad);
 }
 
 // t / t_prev: int64 (B,); table: (T, kNumColumns) contiguous float64.
