@@ -1,5 +1,9 @@
 """group_norm_silu and nn.GroupNormSiLU vs F.group_norm + F.silu (PyTorch's own kernels) and
 diffusers' ResnetBlock2D norm/activation pair."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,16 +81,9 @@ def test_no_affine_and_weight_only(backend):
         assert_close(torch.autograd.grad(y, xs, dy)[0], torch.autograd.grad(yr, xr, dy)[0], 1e-10, 1e-9, "dx")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", (torch.float32,) + REDUCED_DTYPES)
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_low_precision_within_eager_error(backend, dtype, channels_last):
-    shape, groups = ((2, 32, 12, 12), 8)
-    x64, w64, b64, dy64 = _inputs(shape)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    xl = x64.to(dtype).to(memory_format=fmt)
-    wl, bl, dyl = w64.to(dtype), b64.to(dtype), dy64.to(dtype)
-    # the truth: float64 math on the same (rounded) inputs
+def _check_within_eager_error(xl, wl, bl, dyl, groups, backend):
+    """y and all gradients of fastdiff on (rounded) inputs vs float64 math on the same inputs,
+    within the error of eager PyTorch in the inputs' dtype."""
     xt, wt, bt = (t.double().requires_grad_(True) for t in (xl, wl, bl))
     yt = _eager(xt, groups, wt, bt)
     gt = torch.autograd.grad(yt, (xt, wt, bt), dyl.double())
@@ -96,10 +93,70 @@ def test_low_precision_within_eager_error(backend, dtype, channels_last):
     xe, we, be = (t.clone().requires_grad_(True) for t in (xl, wl, bl))
     ye = _eager(xe, groups, we, be)
     ge = torch.autograd.grad(ye, (xe, we, be), dyl)
-    assert yf.dtype == dtype
+    assert yf.dtype == xl.dtype and yf.stride() == xl.stride()
     assert_within_eager_error(yf, ye, yt, "y", floor=1e-6)
     for a, e, t, what in zip(gf, ge, gt, ("dx", "dweight", "dbias")):
         assert_within_eager_error(a, e, t, what, floor=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float32,) + REDUCED_DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_low_precision_within_eager_error(backend, dtype, channels_last):
+    shape, groups = ((2, 32, 12, 12), 8)
+    x64, w64, b64, dy64 = _inputs(shape)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    _check_within_eager_error(x64.to(dtype).to(memory_format=fmt), w64.to(dtype), b64.to(dtype), dy64.to(dtype),
+                              groups, backend)
+
+
+# Outputs of 4 MiB and more (many CPU chunks per group; rows 64-byte aligned or not), each dtype.
+LARGE_OUTPUTS = [
+    ((2, 64, 96, 96), torch.float32),
+    ((2, 64, 97, 89), torch.float32),
+    ((2, 64, 128, 128), torch.bfloat16),
+    ((2, 64, 131, 127), torch.float16),
+    ((2, 32, 96, 96), torch.float64),
+]
+
+
+@pytest.mark.parametrize("shape, dtype", LARGE_OUTPUTS)
+def test_large_outputs(shape, dtype):
+    x64, w64, b64, dy64 = _inputs(shape)
+    assert x64.numel() * dtype.itemsize >= 4 << 20
+    if dtype in REDUCED_DTYPES:
+        _check_within_eager_error(x64.to(dtype), w64.to(dtype), b64.to(dtype), dy64.to(dtype), 32, "cpu")
+        return
+    x, w, b = (t.to(dtype).requires_grad_(True) for t in (x64, w64, b64))
+    y = fastdiff.group_norm_silu(x, 32, w, b, backend="cpu")
+    got = (y,) + torch.autograd.grad(y, (x, w, b), dy64.to(dtype))
+    xr, wr, br = (t.clone().requires_grad_(True) for t in (x64, w64, b64))
+    yr = _eager(xr, 32, wr, br)
+    want = (yr,) + torch.autograd.grad(yr, (xr, wr, br), dy64)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10  # DESIGN.md: fp32 1e-5..1e-4
+    for a, r, what in zip(got, want, ("y", "dx", "dweight", "dbias")):
+        # relative to the largest entry: dweight / dbias are sums over 18k elements, some near 0
+        assert_close(a, r, tol * r.abs().max().item(), tol, what)
+
+
+def _other_cpu_capabilities():
+    from fastdiff import _C_loader
+    return [c for c in _C_loader._supported_caps() if c != _C_loader.cpu_capability]
+
+
+@pytest.mark.parametrize("cap", _other_cpu_capabilities())
+def test_large_outputs_other_cpu_capability(cap):
+    """The CPU kernels are built once per capability (vector widths, tails): run the test above
+    with the kernels of each other capability that was built and that this CPU runs."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import test_group_norm_silu as t;"
+        "from fastdiff import _C_loader; assert _C_loader.cpu_capability == sys.argv[2], _C_loader.cpu_capability;"
+        "[t.test_large_outputs(s, d) for s, d in t.LARGE_OUTPUTS]; print('ok')"
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
+    proc = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), cap], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
