@@ -41,7 +41,7 @@ import torch
 import fastdiff
 from fastdiff.benchmark import CSV_COLUMNS, device_name, shape_str
 from fastdiff.models import UNet, VAE
-from fastdiff.train.measure import interleaved_step_times, peak_step_memory, run_isolated
+from fastdiff.train.measure import allocator_setting, interleaved_step_times, peak_step_memory, run_isolated
 
 PROVIDERS = ("reference", "fused", "compile")
 MODULE = "fastdiff.benchmarks.bench_training"
@@ -284,7 +284,8 @@ def header(memory: bool, profile: bool) -> str:
 def csv_rows(res: dict, device: str, stamp: str):
     row, times = res["row"], res["times"]
     ref = statistics.median(times["reference"]) if "reference" in times else None
-    config = f"row={row.name};model={row.kind}:{row.config};optimizer=AdamW;dtype=float32"
+    config = (f"row={row.name};model={row.kind}:{row.config};optimizer=AdamW;dtype=float32;"
+              f"malloc={allocator_setting()}")
     base = {"op": "train_step", "mode": "full", "x_name": "shape", "x_value": shape_str(row.shape),
             "config": config, "device": device, "torch": torch.__version__, "triton": "", "timestamp": stamp}
     for p, ts in times.items():
@@ -332,7 +333,7 @@ def main(argv=None) -> int:
     device = device_name(torch.device("cpu"))
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"training step (forward, loss, backward, AdamW)  device: {device}  torch {torch.__version__}  "
-          f"float32  {stamp}", flush=True)
+          f"float32  malloc: {allocator_setting()}  {stamp}", flush=True)
     print(header(args.memory, args.profile), flush=True)
     out_rows = []
     for name in rows:

@@ -22,6 +22,17 @@ def test_interleaved_step_times_warms_up_then_times_each_provider_reps_times():
         measure.interleaved_step_times(steps, reps=0)
 
 
+def test_allocator_setting_names_the_malloc_setup(monkeypatch):
+    for name in ("LD_PRELOAD",) + measure._MALLOC_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert measure.allocator_setting() == "glibc default"
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "100")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1073741824")
+    assert measure.allocator_setting() == "glibc MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=100"
+    monkeypatch.setenv("LD_PRELOAD", "libfoo.so:/usr/lib/libjemalloc.so.2")
+    assert measure.allocator_setting() == "LD_PRELOAD=/usr/lib/libjemalloc.so.2"
+
+
 def test_peak_step_memory_cpu_sees_an_allocation():
     def step():
         x = torch.ones(64 * 2**20 // 4)  # 64 MB, touched

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from .measure import interleaved_step_times, peak_step_memory, run_isolated
+from .measure import allocator_setting, interleaved_step_times, peak_step_memory, run_isolated
 from .trainer import TrainConfig, TrainError, Trainer
 
 
@@ -44,7 +44,8 @@ def compare(cfg: TrainConfig, steps: int = 10, file=sys.stdout) -> int:
     device = next(iter(trainers.values())).device
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     print(f"fastdiff train --compare: {cfg.model} {cfg.config!r}, {cfg.image_size}x{cfg.image_size}, batch "
-          f"{cfg.batch}, amp {cfg.amp}, {device}; {steps} interleaved steps per side after 2 warm-up steps",
+          f"{cfg.batch}, amp {cfg.amp}, {device}; {steps} interleaved steps per side after 2 warm-up steps"
+          + (f"; malloc: {allocator_setting()}" if device.type == "cpu" else ""),
           file=file, flush=True)
     times = interleaved_step_times({n: t.train_step for n, t in trainers.items()}, reps=steps, warmup=2, sync=sync)
     # each side in a process of its own: on CPU RSS is per process; on CUDA the allocator's peak
