@@ -129,6 +129,10 @@ def build_step(row: Row, provider: str, state: dict | None = None) -> Callable[[
     model.load_state_dict(initial_state(row) if state is None else state)
     model.train()
     if provider == "compile":
+        # a fresh compile per row, as in a process that trains one model: code objects shared
+        # with an earlier row (the same block classes at other shapes) would otherwise recompile
+        # with dynamic shapes, where Inductor fails on the VAE
+        torch._dynamo.reset()
         if row.kind == "vae":  # the loss calls encode / decode, not forward
             model.encoder.compile()
             model.decoder.compile()
