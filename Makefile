@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 # The torch this project is built and tested against (a CUDA build; it runs on CPU too).
 TORCH_SPEC ?= torch==2.14.1
 TEST_DEPS := numpy ninja tqdm pillow pytest pytest-benchmark expecttest diffusers==0.42.1
-BENCH_ARGS ?= --csv benchmarks/results/latest.csv
+BENCH_CSV ?= benchmarks/results/latest.csv
+BENCH_ARGS ?=
 # Each `make train` starts a new run folder (a run folder is resumed only with --resume).
 TRAIN_ARGS ?= --out runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 # nvcc's standard home; the nvcc on PATH may be a wrapper that misleads torch.
@@ -39,7 +40,7 @@ train: build
 
 bench: build
 	$(VENV)/bin/fastdiff info
-	$(VENV)/bin/fastdiff bench $(BENCH_ARGS)
+	$(VENV)/bin/fastdiff bench --csv $(BENCH_CSV) $(BENCH_ARGS)
 
 kernels: build
 	$(VENV)/bin/fastdiff kernels
