@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=d.backend, help="fastdiff backend of the fused ops (default: auto)")
     p.add_argument("--reference", action="store_true", help="train the eager reference model instead")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--channels-last", action="store_true",
+                   help="weights and activations in channels_last (NHWC) memory format")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--beta", type=float, default=d.beta, help="VAE: weight of the KL term")

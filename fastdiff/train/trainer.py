@@ -64,6 +64,7 @@ class TrainConfig:
     backend: str | None = None     # fastdiff backend of the fused ops (None: auto)
     reference: bool = False        # train the eager reference model instead of the fused one
     compile: bool = False          # torch.compile the model
+    channels_last: bool = False    # weights and activations in channels_last (NHWC) memory format
     device: str = "auto"           # "auto" | "cpu" | "cuda" | "cuda:N"
     seed: int = 0
     beta: float = 1e-6             # VAE: KL weight of the ELBO loss
@@ -236,6 +237,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every run
         self.net = build_model(cfg).to(self.device)
+        if cfg.channels_last:  # before the EMA copy and the optimizer: both follow the weights' layout
+            self.net = self.net.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval() if cfg.ema else None
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.amp_dtype = AMP_DTYPES[cfg.amp]
@@ -273,9 +276,13 @@ class Trainer:
         return self._epoch_indices[1][k * self.local_batch:(k + 1) * self.local_batch]
 
     def _global_draw(self, draw):
-        """``draw(generator)`` for the global batch (dim 0), this rank's rows."""
+        """``draw(generator)`` for the global batch (dim 0), this rank's rows (in the model's layout)."""
         full = draw(self.generator)
-        return full[self.rank::self.world_size].contiguous().to(self.device)
+        return self._layout(full[self.rank::self.world_size].contiguous().to(self.device))
+
+    def _layout(self, x):
+        """x in the memory format the model runs in (channels_last for 4-D under --channels-last)."""
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last and x.dim() == 4 else x
 
     # -- one step --------------------------------------------------------------------------
 
@@ -292,7 +299,7 @@ class Trainer:
     def train_step(self):
         """One optimizer step; returns (loss, parts) as detached tensors."""
         # uint8 to the device, converted there: a quarter of the bytes of a float copy
-        x0 = data_module.to_model_range(self.images[self.batch_indices(self.step)].to(self.device))
+        x0 = self._layout(data_module.to_model_range(self.images[self.batch_indices(self.step)].to(self.device)))
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             loss, parts = self.loss(x0)
         self.scaler.scale(loss).backward()
