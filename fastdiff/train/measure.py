@@ -27,7 +27,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ISOLATED_ENV", "allocator_setting", "interleaved_step_times", "peak_step_memory", "rss_bytes", "run_isolated"]
+__all__ = ["ISOLATED_ENV", "allocator_setting", "interleaved_step_times", "peak_step_memory", "rss_bytes",
+           "run_isolated"]
 
 # glibc: blocks over 64 KB get their own mapping (freed tensors leave the RSS at once) and the
 # heap is never trimmed (no trim calls inside the measured step).
