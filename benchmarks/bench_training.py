@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import math
 import statistics
@@ -65,27 +66,32 @@ DIFFUSION_LOSS_OPS = ("q_sample", "diffusion_loss")
 @dataclass(frozen=True)
 class Row:
     """One benchmarked training setup: a model ``kind`` ("unet", "vae", "diffusers") of a named
-    ``config`` on (batch, 3, image_size, image_size) images."""
+    ``config`` on (batch, 3, image_size, image_size) images; ``channels_last``: weights and
+    batch in NHWC memory format (as ``fastdiff train --channels-last``)."""
 
     name: str
     kind: str
     config: str
     batch: int
     image_size: int
+    channels_last: bool = False
 
     @property
     def shape(self):
         return (self.batch, 3, self.image_size, self.image_size)
 
 
-ROWS = {r.name: r for r in (
+_CONTIGUOUS_ROWS = (
     Row("unet-tiny", "unet", "tiny", 16, 32),
     Row("unet-small", "unet", "small", 8, 64),
     Row("vae-tiny", "vae", "tiny", 8, 32),
     Row("vae-small", "vae", "small", 4, 64),
     Row("diffusers-unet", "diffusers", "ddpm-half", 16, 32),
-)}
-DEFAULT_ROWS = tuple(ROWS)
+)
+DEFAULT_ROWS = tuple(r.name for r in _CONTIGUOUS_ROWS)
+# the same setups in channels_last (not run by default): --rows unet-small-nhwc,...
+ROWS = {r.name: r for r in (*_CONTIGUOUS_ROWS, *(dataclasses.replace(r, name=f"{r.name}-nhwc", channels_last=True)
+                                                  for r in _CONTIGUOUS_ROWS if r.kind != "diffusers"))}
 
 # A local UNet2DModel (no download): the DDPM CIFAR-10 layout (google/ddpm-cifar10-32) at half
 # width, attention at 16x16 and 8x8, 64 channels per head as ADM.
@@ -128,6 +134,8 @@ def build_step(row: Row, provider: str, state: dict | None = None) -> Callable[[
     model = _build_model(row, fused=provider == "fused")
     model.load_state_dict(initial_state(row) if state is None else state)
     model.train()
+    fmt = torch.channels_last if row.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)  # before the optimizer: its state follows the weights' layout
     if provider == "compile":
         # a fresh compile per row, as in a process that trains one model: code objects shared
         # with an earlier row (the same block classes at other shapes) would otherwise recompile
@@ -139,6 +147,7 @@ def build_step(row: Row, provider: str, state: dict | None = None) -> Callable[[
         else:
             model.compile()
     x0 = torch.randn(row.shape, generator=torch.Generator().manual_seed(DATA_SEED)).clamp_(-1, 1)
+    x0 = x0.contiguous(memory_format=fmt)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     generator = torch.Generator()
 
@@ -288,7 +297,8 @@ def header(memory: bool, profile: bool) -> str:
 def csv_rows(res: dict, device: str, stamp: str):
     row, times = res["row"], res["times"]
     ref = statistics.median(times["reference"]) if "reference" in times else None
-    config = (f"row={row.name};model={row.kind}:{row.config};optimizer=AdamW;dtype=float32;"
+    layout = "channels_last" if row.channels_last else "contiguous"
+    config = (f"row={row.name};model={row.kind}:{row.config};optimizer=AdamW;dtype=float32;layout={layout};"
               f"malloc={allocator_setting()}")
     base = {"op": "train_step", "mode": "full", "x_name": "shape", "x_value": shape_str(row.shape),
             "config": config, "device": device, "torch": torch.__version__, "triton": "", "timestamp": stamp}

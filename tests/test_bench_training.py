@@ -40,7 +40,7 @@ def test_peak_step_memory_cpu_sees_an_allocation():
     assert measure.peak_step_memory(step) > 16 * 2**20
 
 
-@pytest.mark.parametrize("name", ["unet-tiny", "vae-tiny"])
+@pytest.mark.parametrize("name", ["unet-tiny", "vae-tiny", "unet-tiny-nhwc"])
 def test_tiny_row_steps_start_equal_and_train(name):
     row = dataclasses.replace(bt.ROWS[name], batch=2)
     state = bt.initial_state(row)
@@ -53,6 +53,10 @@ def test_tiny_row_steps_start_equal_and_train(name):
         assert any(not torch.equal(before[k], after[k]) for k in before), f"{p}: AdamW changed nothing"
         assert all(torch.isfinite(v).all() for v in after.values())
     assert steps["fused"].model.fused and not steps["reference"].model.fused
+    for step in steps.values():  # -nhwc rows train in channels_last, the others contiguous
+        convs = [m.weight for m in step.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) == row.channels_last
+                             and w.is_contiguous() != row.channels_last for w in convs)
     times = measure.interleaved_step_times(steps, reps=1, warmup=0)
     assert all(len(v) == 1 for v in times.values())
 
