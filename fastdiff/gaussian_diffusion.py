@@ -61,7 +61,8 @@ class GaussianDiffusion:
     def training_loss(self, x0, *, generator=None, model_kwargs=None, t=None, noise=None):
         """The mean training loss over the batch x0 (B, C, ...), a scalar. ``t`` (B,) and ``noise``
         (x0's shape) are drawn from ``generator`` unless given (data-parallel training draws them
-        for the global batch and hands each rank its share)."""
+        for the global batch and hands each rank its share). A channels_last x0 reaches the model
+        as a channels_last x_t."""
         if not isinstance(x0, torch.Tensor) or x0.dim() < 2 or x0.shape[0] == 0:
             raise ValueError(f"x0 must be a non-empty batch (B, C, ...), got "
                              f"{tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__}")
@@ -73,6 +74,9 @@ class GaussianDiffusion:
             noise = randn_like_diffusers(x0.shape, generator, device, x0.dtype)
         elif noise.shape != x0.shape:
             raise ValueError(f"noise must have x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        if x0.dim() == 4 and not x0.is_contiguous() and x0.is_contiguous(memory_format=torch.channels_last):
+            # x_t follows the noise's layout: a channels_last batch stays channels_last into the model
+            noise = noise.contiguous(memory_format=torch.channels_last)
         x_t = q_sample(x0, t, noise, self.schedule, backend=self.backend)
         output = self.model(x_t, t, **(model_kwargs or {}))
         loss = diffusion_loss(self._prediction(output, x0.shape[1]), x0, noise, t, self.schedule,

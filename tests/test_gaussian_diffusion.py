@@ -56,6 +56,21 @@ def test_training_loss_matches_eager(prediction_type, hybrid):
         assert_close(g, w, 1e-10, 1e-9, "grad")
 
 
+def test_training_loss_keeps_channels_last():
+    """A channels_last x0 gives the model a channels_last x_t, and the same loss as contiguous."""
+    schedule = fastdiff.NoiseSchedule.linear(1000)
+    model = TinyModel().double()
+    seen = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    x0 = torch.rand(4, 3, 8, 8, dtype=torch.float64) * 2 - 1
+    diffusion = GaussianDiffusion(model, schedule)
+    losses = [diffusion.training_loss(x, generator=torch.Generator().manual_seed(5))
+              for x in (x0, x0.to(memory_format=torch.channels_last))]
+    assert seen[0].is_contiguous()
+    assert seen[1].is_contiguous(memory_format=torch.channels_last) and not seen[1].is_contiguous()
+    assert_close(losses[1], losses[0], 1e-12, 1e-12, "loss")
+
+
 def test_ddim_sampling_matches_diffusers():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(1)
