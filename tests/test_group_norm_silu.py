@@ -139,6 +139,31 @@ def test_large_outputs(shape, dtype):
         assert_close(a, r, tol * r.abs().max().item(), tol, what)
 
 
+def test_extreme_pre_activations(backend="cpu"):
+    """fp32 silu and its gradient where a = scale x + shift runs over [-130, 130]: the sigmoid's
+    exp(-a) under- and overflows there (the CPU's polynomial exp clamps and scales by 2^n)."""
+    shape, groups = (2, 32, 6, 5), 32
+    x64, _, _, dy64 = _inputs(shape)
+    w64 = torch.full((32,), 8.0, dtype=torch.float64)
+    b64 = torch.linspace(-110, 110, 32, dtype=torch.float64)
+    for name, xl in _layouts(x64.float()):
+        x, w, b = (t.float().clone().requires_grad_(True) for t in (xl, w64, b64))
+        y = fastdiff.group_norm_silu(x, groups, w, b, backend=backend)
+        got = (y,) + torch.autograd.grad(y, (x, w, b), dy64.float())
+        xr, wr, br = (t.clone().requires_grad_(True) for t in (x64, w64, b64))
+        yr = _eager(xr, groups, wr, br)
+        want = (yr,) + torch.autograd.grad(yr, (xr, wr, br), dy64)
+        assert y.abs().max() > 120 and y.min() < 0
+        for a, r, what in zip(got, want, ("y", "dx", "dweight", "dbias")):
+            assert torch.isfinite(a).all(), f"{name} {what}: non-finite"
+            assert_close(a, r, 1e-5 * r.abs().max().item(), 1e-5, f"{name} {what}")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cpu"])
+def test_extreme_pre_activations_other_backends(backend):
+    test_extreme_pre_activations(backend)
+
+
 def _other_cpu_capabilities():
     from fastdiff import _C_loader
     return [c for c in _C_loader._supported_caps() if c != _C_loader.cpu_capability]
@@ -146,12 +171,12 @@ def _other_cpu_capabilities():
 
 @pytest.mark.parametrize("cap", _other_cpu_capabilities())
 def test_large_outputs_other_cpu_capability(cap):
-    """The CPU kernels are built once per capability (vector widths, tails): run the test above
-    with the kernels of each other capability that was built and that this CPU runs."""
+    """The CPU kernels are built once per capability (vector widths, tails, the exp): run the
+    tests above with the kernels of each other capability that was built and that this CPU runs."""
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import test_group_norm_silu as t;"
         "from fastdiff import _C_loader; assert _C_loader.cpu_capability == sys.argv[2], _C_loader.cpu_capability;"
-        "[t.test_large_outputs(s, d) for s, d in t.LARGE_OUTPUTS]; print('ok')"
+        "[t.test_large_outputs(s, d) for s, d in t.LARGE_OUTPUTS]; t.test_extreme_pre_activations(); print('ok')"
     )
     env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
     proc = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), cap], capture_output=True,

@@ -19,21 +19,70 @@
 
 namespace fastdiff {
 
+namespace cpu {
+
+// exp for float vectors where ~2e-7 relative error is enough (sigmoid, softmax):
+// n = round(t log2 e), r = t - n ln2 (ln2 split in two, Cody-Waite), exp(r) on
+// [-ln2/2, ln2/2] by a degree-5 polynomial (coefficients: relative-error
+// minimax fit, max error 9e-8), times 2^n. A third fewer instructions than
+// ATen's exp_u20 and ~1.5x more accurate. exp(-inf) = 0, exp(inf) = inf, NaN
+// stays NaN (min/max return their second operand when one is NaN).
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m512 exp_poly(__m512 t) {
+  t = _mm512_min_ps(_mm512_set1_ps(89.f), _mm512_max_ps(_mm512_set1_ps(-104.f), t));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), t);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860676533018705e-06f), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00829031412f), r, _mm512_set1_ps(0.0418979302f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166676357f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.499991506f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.999999702f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);  // 2^n p: rounds to 0 below 2^-149, inf above FLT_MAX
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256 exp_poly(__m256 t) {
+  t = _mm256_min_ps(_mm256_set1_ps(89.f), _mm256_max_ps(_mm256_set1_ps(-104.f), t));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(t, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), t);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860676533018705e-06f), r);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0.00829031412f), r, _mm256_set1_ps(0.0418979302f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.166676357f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.499991506f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.999999702f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  // 2^n from its exponent field: n = -127 gives 0 (t < -87.7, flushed), n = 128 inf
+  // (t > 88.4, where the exact exp overflows from 88.72)
+  n = _mm256_min_ps(_mm256_set1_ps(128.f), _mm256_max_ps(_mm256_set1_ps(-127.f), n));
+  const __m256i field = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(field));
+}
+#endif
+
+}  // namespace cpu
+
 template <typename T>
 struct ElementOps<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   using scalar = T;
   static V exp(V v) { return v.exp(); }
-  // The polynomial exp for float only: double's exp_u20 is no more accurate than float's.
+  // A polynomial exp for float only: double's exp_u20 is no more accurate than float's.
   static V exp_fast(V v) {
-    if constexpr (std::is_same_v<T, float>) {
-      return v.exp_u20();
-    } else {
+    if constexpr (!std::is_same_v<T, float>) {
       return v.exp();
+    } else {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+      return V(cpu::exp_poly(v));
+#else
+      return v.exp_u20();
+#endif
     }
   }
   static V log(V v) { return v.log(); }
   static V tanh(V v) { return v.tanh(); }
+  static V fma(V a, V b, V c) { return at::vec::fmadd(a, b, c); }
   static V less(V a, V b) { return a < b; }
   static V greater(V a, V b) { return a > b; }
   static V select(V mask, V if_true, V if_false) { return V::blendv(if_false, if_true, mask); }

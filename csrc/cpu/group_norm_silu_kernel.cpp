@@ -123,9 +123,11 @@ void forward_nchw(const GroupNormArgs& a, const scalar_t* x, const at::opmath_ty
       const GroupStats st = group_moments(sums.data(), cpg, hw, eps);
       mean_out[task] = acc_t(st.mean);
       rstd_out[task] = acc_t(st.rstd);
+      // fold with the stored statistics, as the backward and the other kernels do
+      const double mean = mean_out[task], rstd = rstd_out[task];
       for (int64_t k = 0; k < cpg; ++k) {
         const int64_t c = c0 + k;
-        const Fold f = fold(st.mean, st.rstd, param(w, c, 1.0), param(b, c, 0.0));
+        const Fold f = fold(mean, rstd, param(w, c, 1.0), param(b, c, 0.0));
         const Vec scale(acc_t(f.scale)), shift(acc_t(f.shift));
         const scalar_t* xr = x + base + c * hw;
         scalar_t* yr = y + base + c * hw;

@@ -22,32 +22,28 @@
 
 namespace fastdiff {
 
-// a -> (silu(a), silu'(a)); silu'(a) = s (1 + a (1 - s)), s = sigmoid(a).
-template <typename V>
-struct SiluAndGrad {
-  V y, dy_da;
-};
-
 template <typename V>
 FASTDIFF_HD V sigmoid(V a) {
   using S = typename ElementOps<V>::scalar;
   return V(S(1)) / (V(S(1)) + ElementOps<V>::exp_fast(V(S(0)) - a));
 }
 
+// y = silu(a) = a / (1 + exp(-a)) at a = scale x + shift (or y = a).
 template <typename V>
 FASTDIFF_HD V norm_act(V x, V scale, V shift, bool silu) {
-  const V a = x * scale + shift;
-  return silu ? a * sigmoid(a) : a;
+  using S = typename ElementOps<V>::scalar;
+  const V a = ElementOps<V>::fma(x, scale, shift);
+  return silu ? a / (V(S(1)) + ElementOps<V>::exp_fast(V(S(0)) - a)) : a;
 }
 
-// da = dy * d y / d a at a = scale x + shift.
+// da = dy * d y / d a = dy s (1 + a (1 - s)), s = sigmoid(a), at a = scale x + shift.
 template <typename V>
 FASTDIFF_HD V norm_act_grad(V x, V scale, V shift, V dy, bool silu) {
   using S = typename ElementOps<V>::scalar;
   if (!silu) return dy;
-  const V a = x * scale + shift;
+  const V a = ElementOps<V>::fma(x, scale, shift);
   const V s = sigmoid(a);
-  return dy * s * (V(S(1)) + a * (V(S(1)) - s));
+  return dy * s * ElementOps<V>::fma(a, V(S(1)) - s, V(S(1)));
 }
 
 // Moments of one channel: count elements, sum1 = sum (x - pilot), sum2 =

@@ -33,11 +33,13 @@ struct ElementOps {
   static FASTDIFF_HD V log(V v) { return ::log(v); }
   static FASTDIFF_HD V sqrt(V v) { return ::sqrt(v); }
   static FASTDIFF_HD V tanh(V v) { return ::tanh(v); }
+  static FASTDIFF_HD V fma(V a, V b, V c) { return ::fma(a, b, c); }
 #else
   static FASTDIFF_HD V exp(V v) { return std::exp(v); }
   static FASTDIFF_HD V log(V v) { return std::log(v); }
   static FASTDIFF_HD V sqrt(V v) { return std::sqrt(v); }
   static FASTDIFF_HD V tanh(V v) { return std::tanh(v); }
+  static FASTDIFF_HD V fma(V a, V b, V c) { return std::fma(a, b, c); }
 #endif
   // exp where ~20 ulp are enough (a sigmoid's exp(-a): the absolute error of
   // silu stays below 1e-7); the accurate exp here, a polynomial one on the CPU.
