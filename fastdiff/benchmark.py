@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ._backend import OP_ONLY, reasons_not_usable
+from .train.measure import allocator_setting
 from .ops import OPS
 
 # Cases beyond the ops: whole modules built on them (benchmarks/bench_<name>.py).
@@ -537,6 +538,11 @@ def main(argv=None) -> int:
     copy_bw = copy_bandwidth(device)
     print(f"copy bandwidth: {copy_bw:.1f} GB/s (dst.copy_(src), 2 x {COPY_BYTES // 2**20} MB buffers, "
           f"bytes = 2 x size, median)")
+    # CPU times of outputs the allocator hands out as fresh pages include the page faults that
+    # zero them: glibc's thresholds decide which those are, so the run records them
+    malloc = allocator_setting() if device.type == "cpu" else ""
+    if malloc:
+        print(f"malloc: {malloc}")
     print("time: median and p20-p80 of interleaved repetitions; GB/s = bytes a perfect kernel moves / median; "
           "vs ref / vs compile = ratio of medians\n", flush=True)
 
@@ -564,6 +570,8 @@ def main(argv=None) -> int:
             for mode in modes:
                 r = run_case(case, shape, mode, providers, device, dtype, copy_bw, args.reps, inputs,
                              layout="channels_last" if args.channels_last else "contiguous")
+                if malloc:
+                    r.config += f";malloc={malloc}"
                 results.append(r)
                 all_errors += [(op, shape_str(shape), mode, p, e) for p, e in r.errors.items()]
             del inputs
