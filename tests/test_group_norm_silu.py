@@ -159,6 +159,68 @@ def test_extreme_pre_activations(backend="cpu"):
             assert_close(a, r, 1e-5 * r.abs().max().item(), 1e-5, f"{name} {what}")
 
 
+def test_silu_exp_accuracy():
+    """The CPU silu's polynomial exp2 against float64 at the same fp32 pre-activations (the
+    activation=None output is the kernel's own a = scale x + shift): a ~ N(0, 3), and a uniform
+    over [-100, 100] (one group of uniform values, xhat in [-sqrt 3, sqrt 3], times w)."""
+    g = torch.Generator().manual_seed(3)
+    cases = [(torch.randn(2, 64, 4000, generator=g), 3.0),
+             (torch.linspace(-1, 1, 2 * 64 * 4000).reshape(2, 64, 4000), 100 / 3 ** 0.5)]
+    for x, scale in cases:
+        w, b = torch.full((64,), scale), torch.zeros(64)
+        a = fastdiff.group_norm_silu(x, 1, w, b, activation=None, backend="cpu").double()
+        y = fastdiff.group_norm_silu(x, 1, w, b, backend="cpu").double()
+        assert a.abs().max() > 8
+        want = F.silu(a)
+        normal = want.abs() > 1e-30  # fp32 denormals and zeros carry no relative accuracy
+        rel = (y - want).abs()[normal] / want.abs()[normal]
+        # the polynomial's 1.5e-7, plus rounding t = -a log2 e: |a| 2^-24, the order of a's own rounding
+        bound = 2e-7 + a.abs()[normal] * 2.0**-23
+        assert (rel <= bound).all(), (rel - bound).max().item()
+
+
+def _anon_huge_kb(address):
+    """AnonHugePages (kB) of the mapping of this process that holds the first 2 MB boundary at or
+    after address (the advice covers a tensor's 2 MB-aligned interior: a mapping of its own)."""
+    address = (address + (2 << 20) - 1) & ~((2 << 20) - 1)
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _thp_setting(name):
+    try:
+        with open(f"/sys/kernel/mm/transparent_hugepage/{name}") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "never"
+
+
+@pytest.mark.skipif(_thp_setting("enabled") == "never" or _thp_setting("defrag") == "never",
+                    reason="transparent huge pages unavailable")
+def test_large_outputs_on_huge_pages():
+    """Outputs from 32 MB up are advised as transparent huge pages (first touch faults 2 MB at
+    a time: csrc/cpu/cpu_utils.h, empty_output_like); the values are those of eager PyTorch."""
+    x64, w64, b64, dy64 = _inputs((1, 32, 512, 520))
+    x, w, b = (t.float().requires_grad_(True) for t in (x64, w64, b64))
+    y = fastdiff.group_norm_silu(x, 32, w, b, backend="cpu")
+    assert y.numel() * 4 >= 32 << 20 and _anon_huge_kb(y.data_ptr()) > 0
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), dy64.float())
+    assert _anon_huge_kb(dx.data_ptr()) > 0
+    xr, wr, br = (t.clone().requires_grad_(True) for t in (x64, w64, b64))
+    yr = _eager(xr, 32, wr, br)
+    want = (yr,) + torch.autograd.grad(yr, (xr, wr, br), dy64)
+    for got, r, what in zip((y, dx, dw, db), want, ("y", "dx", "dweight", "dbias")):
+        assert_close(got, r, 1e-5 * r.abs().max().item(), 1e-5, what)
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cpu"])
 def test_extreme_pre_activations_other_backends(backend):
     test_extreme_pre_activations(backend)

@@ -393,7 +393,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
     int64_t num_groups, double eps, bool silu) {
   const GroupNormArgs a = check_group_norm_args(x, weight, bias, num_groups, eps);
   const auto acc = at::toOpMathType(x.scalar_type());
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = empty_output_like(x);
   at::Tensor mean = at::empty({a.batch, a.groups}, x.options().dtype(acc));
   at::Tensor rstd = at::empty({a.batch, a.groups}, x.options().dtype(acc));
   if (x.numel() == 0) {
@@ -418,7 +418,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_cpu(
   check_group_stats(mean, rstd, x, a);
   const at::Tensor grad_y = in_layout_of(grad_y_in, "grad_y", x, "x");
   const auto acc = at::toOpMathType(x.scalar_type());
-  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_x = empty_output_like(x);
   at::Tensor grad_w = at::zeros({weight.has_value() ? a.channels : 0}, x.options().dtype(acc));
   at::Tensor grad_b = at::zeros({bias.has_value() ? a.channels : 0}, x.options().dtype(acc));
   if (x.numel() == 0) return {grad_x, grad_w, grad_b};
