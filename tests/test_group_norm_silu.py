@@ -179,48 +179,6 @@ def test_silu_exp_accuracy():
         assert (rel <= bound).all(), (rel - bound).max().item()
 
 
-def _anon_huge_kb(address):
-    """AnonHugePages (kB) of the mapping of this process that holds the first 2 MB boundary at or
-    after address (the advice covers a tensor's 2 MB-aligned interior: a mapping of its own)."""
-    address = (address + (2 << 20) - 1) & ~((2 << 20) - 1)
-    with open("/proc/self/smaps") as f:
-        inside = False
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and all(c in "0123456789abcdef-" for c in head):
-                lo, hi = (int(v, 16) for v in head.split("-"))
-                inside = lo <= address < hi
-            elif inside and line.startswith("AnonHugePages:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _thp_setting(name):
-    try:
-        with open(f"/sys/kernel/mm/transparent_hugepage/{name}") as f:
-            return f.read().split("[")[1].split("]")[0]
-    except (OSError, IndexError):
-        return "never"
-
-
-@pytest.mark.skipif(_thp_setting("enabled") == "never" or _thp_setting("defrag") == "never",
-                    reason="transparent huge pages unavailable")
-def test_large_outputs_on_huge_pages():
-    """Outputs from 32 MB up are advised as transparent huge pages (first touch faults 2 MB at
-    a time: csrc/cpu/cpu_utils.h, empty_output_like); the values are those of eager PyTorch."""
-    x64, w64, b64, dy64 = _inputs((1, 32, 512, 520))
-    x, w, b = (t.float().requires_grad_(True) for t in (x64, w64, b64))
-    y = fastdiff.group_norm_silu(x, 32, w, b, backend="cpu")
-    assert y.numel() * 4 >= 32 << 20 and _anon_huge_kb(y.data_ptr()) > 0
-    dx, dw, db = torch.autograd.grad(y, (x, w, b), dy64.float())
-    assert _anon_huge_kb(dx.data_ptr()) > 0
-    xr, wr, br = (t.clone().requires_grad_(True) for t in (x64, w64, b64))
-    yr = _eager(xr, 32, wr, br)
-    want = (yr,) + torch.autograd.grad(yr, (xr, wr, br), dy64)
-    for got, r, what in zip((y, dx, dw, db), want, ("y", "dx", "dweight", "dbias")):
-        assert_close(got, r, 1e-5 * r.abs().max().item(), 1e-5, what)
-
-
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cpu"])
 def test_extreme_pre_activations_other_backends(backend):
     test_extreme_pre_activations(backend)

@@ -15,10 +15,6 @@
 
 #include <type_traits>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "fastdiff/schedule_math.h"
 
 namespace fastdiff {
@@ -138,29 +134,6 @@ struct VecIO {
     }
   }
 };
-
-// A tensor like x that the kernel is about to write in full. From 32 MB up (glibc's
-// largest mmap threshold) each such allocation is a fresh mapping, and first touching
-// it costs one page fault per 4 KB page (the kernel zeroes each page in its fault):
-// at 33-67 MB that was most of GroupNorm+SiLU's time. The 2 MB-aligned interior is
-// advised as transparent huge pages (THP "madvise" mode, the common default), one
-// fault per 2 MB. Advice only: where it is refused, the pages are 4 KB as before.
-constexpr int64_t kHugePageAdviceBytes = int64_t(32) << 20;
-
-inline at::Tensor empty_output_like(const at::Tensor& x) {
-  at::Tensor out = at::empty_like(x);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const int64_t bytes = int64_t(out.storage().nbytes());
-  if (bytes >= kHugePageAdviceBytes) {
-    constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-    const uintptr_t begin = reinterpret_cast<uintptr_t>(out.storage().data());
-    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t last = (begin + uintptr_t(bytes)) & ~(kHuge - 1);
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
-}
 
 // Fixed work split: chunk boundaries depend only on the shape, never on the
 // thread count, so per-chunk partial sums (and the losses built from them)

@@ -28,7 +28,7 @@ at::Tensor ddim_step_cpu(const at::Tensor& model_output,          // (B, ...) li
   const int64_t n = check_ddim_args_cpu(model_output, sample, t, t_prev, table, prediction_type);
   TORCH_CHECK(eta == 0.0 || noise.has_value(), "fastdiff: ddim_step needs noise when eta > 0");
   if (noise.has_value()) check_like(*noise, "noise", sample, "sample");
-  at::Tensor out = empty_output_like(sample);
+  at::Tensor out = at::empty_like(sample);
   if (sample.numel() == 0) return out;
   const int64_t* t_ptr = t.const_data_ptr<int64_t>();
   const int64_t* tp_ptr = t_prev.const_data_ptr<int64_t>();
@@ -66,8 +66,8 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_bwd_cpu(
     bool clip_sample, double clip_sample_range, bool use_clipped_model_output) {
   const int64_t n = check_ddim_args_cpu(model_output, sample, t, t_prev, table, prediction_type);
   check_like(grad_out, "grad_out", sample, "sample");
-  at::Tensor grad_m = empty_output_like(model_output);
-  at::Tensor grad_x = empty_output_like(sample);
+  at::Tensor grad_m = at::empty_like(model_output);
+  at::Tensor grad_x = at::empty_like(sample);
   if (sample.numel() == 0) return {grad_m, grad_x};
   const int64_t* t_ptr = t.const_data_ptr<int64_t>();
   const int64_t* tp_ptr = t_prev.const_data_ptr<int64_t>();

@@ -31,7 +31,7 @@ at::Tensor ddpm_step_cpu(const at::Tensor& model_output,           // (B, C|2C, 
                          double clip_sample_range) {
   const StepArgs a = check_ddpm_args_cpu(model_output, sample, noise, t, t_prev, table,
                                          prediction_type, variance_type);
-  at::Tensor out = empty_output_like(sample);
+  at::Tensor out = at::empty_like(sample);
   if (sample.numel() == 0) return out;
   const int64_t* t_ptr = t.const_data_ptr<int64_t>();
   const int64_t* tp_ptr = t_prev.const_data_ptr<int64_t>();
@@ -74,8 +74,8 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_bwd_cpu(
   const StepArgs a = check_ddpm_args_cpu(model_output, sample, noise, t, t_prev, table,
                                          prediction_type, variance_type);
   check_like(grad_out, "grad_out", sample, "sample");
-  at::Tensor grad_m = empty_output_like(model_output);
-  at::Tensor grad_x = empty_output_like(sample);
+  at::Tensor grad_m = at::empty_like(model_output);
+  at::Tensor grad_x = at::empty_like(sample);
   if (sample.numel() == 0) return {grad_m, grad_x};
   const int64_t* t_ptr = t.const_data_ptr<int64_t>();
   const int64_t* tp_ptr = t_prev.const_data_ptr<int64_t>();

@@ -34,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor> diffusion_loss_cpu(
   const auto acc_type = at::toOpMathType(model_output.scalar_type());
   at::Tensor loss = at::empty({batch}, model_output.options().dtype(acc_type));
   const bool write_grad = grad_scale != 0.0;
-  at::Tensor grad = write_grad ? empty_output_like(model_output) : at::empty({0}, model_output.options());
+  at::Tensor grad = write_grad ? at::empty_like(model_output) : at::empty({0}, model_output.options());
   if (batch == 0) return {loss, grad};
   const int64_t* t_ptr = t.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_output.scalar_type(),
@@ -89,7 +89,7 @@ at::Tensor diffusion_loss_bwd_cpu(const at::Tensor& grad_loss,     // (B,) opmat
   const int64_t n = check_loss_args_cpu(model_output, x0, noise, t, table, prediction_type);
   check_grad_loss(grad_loss, model_output);
   const int64_t batch = model_output.size(0);
-  at::Tensor grad_m = empty_output_like(model_output);
+  at::Tensor grad_m = at::empty_like(model_output);
   if (model_output.numel() == 0) return grad_m;
   const int64_t* t_ptr = t.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_output.scalar_type(),

@@ -15,7 +15,7 @@ at::Tensor q_sample_cpu(const at::Tensor& x0,     // (B, ...) float
   check_q_sample_args(x0, "x0", &noise, t, table);
   const int64_t n = x0.size(0) == 0 ? 0 : x0.numel() / x0.size(0);
   check_timesteps(t, "t", table, false);
-  at::Tensor out = empty_output_like(x0);
+  at::Tensor out = at::empty_like(x0);
   if (x0.numel() == 0) return out;
   const int64_t* t_ptr = t.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cpu", [&] {
@@ -45,8 +45,8 @@ std::tuple<at::Tensor, at::Tensor> q_sample_bwd_cpu(const at::Tensor& grad_out, 
   check_q_sample_args(grad_out, "grad_out", nullptr, t, table);
   const int64_t n = grad_out.size(0) == 0 ? 0 : grad_out.numel() / grad_out.size(0);
   check_timesteps(t, "t", table, false);
-  at::Tensor grad_x0 = empty_output_like(grad_out);
-  at::Tensor grad_noise = empty_output_like(grad_out);
+  at::Tensor grad_x0 = at::empty_like(grad_out);
+  at::Tensor grad_noise = at::empty_like(grad_out);
   if (grad_out.numel() == 0) return {grad_x0, grad_noise};
   const int64_t* t_ptr = t.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(),

@@ -19,7 +19,7 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_cpu(
     const c10::optional<at::Tensor>& noise) {  // like mean; None: KL only
   const int64_t n = check_gaussian_args(mean, logvar, noise);
   const int64_t batch = mean.size(0);
-  at::Tensor z = noise.has_value() ? empty_output_like(mean) : at::empty({0}, mean.options());
+  at::Tensor z = noise.has_value() ? at::empty_like(mean) : at::empty({0}, mean.options());
   at::Tensor kl = at::empty({batch}, mean.options().dtype(at::toOpMathType(mean.scalar_type())));
   if (batch == 0) return {z, kl};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mean.scalar_type(), "sample_and_kl_cpu", [&] {
@@ -63,8 +63,8 @@ std::tuple<at::Tensor, at::Tensor> sample_and_kl_bwd_cpu(
     const at::Tensor& mean, const at::Tensor& logvar, const c10::optional<at::Tensor>& noise) {
   const int64_t n = check_gaussian_args(mean, logvar, noise);
   check_gaussian_grads(grad_z, grad_kl, mean, noise);
-  at::Tensor grad_mu = empty_output_like(mean);
-  at::Tensor grad_lv = empty_output_like(mean);
+  at::Tensor grad_mu = at::empty_like(mean);
+  at::Tensor grad_lv = at::empty_like(mean);
   if (mean.numel() == 0) return {grad_mu, grad_lv};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mean.scalar_type(), "sample_and_kl_bwd_cpu", [&] {
     using IO = VecIO<scalar_t>;

@@ -35,8 +35,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vb_loss_cpu(
   const int64_t batch = model_mean.size(0);
   at::Tensor loss = at::empty({batch}, model_mean.options().dtype(at::toOpMathType(model_mean.scalar_type())));
   const bool write_grad = grad_scale != 0.0;
-  at::Tensor grad_m = write_grad ? empty_output_like(model_mean) : at::empty({0}, model_mean.options());
-  at::Tensor grad_lv = write_grad ? empty_output_like(model_mean) : at::empty({0}, model_mean.options());
+  at::Tensor grad_m = write_grad ? at::empty_like(model_mean) : at::empty({0}, model_mean.options());
+  at::Tensor grad_lv = write_grad ? at::empty_like(model_mean) : at::empty({0}, model_mean.options());
   if (batch == 0) return {loss, grad_m, grad_lv};
   const int64_t* t_ptr = t.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_mean.scalar_type(), "vb_loss_cpu", [&] {
@@ -95,8 +95,8 @@ std::tuple<at::Tensor, at::Tensor> vb_loss_bwd_cpu(
     const at::Tensor& x_t, const at::Tensor& t, const at::Tensor& posterior) {
   const int64_t n = check_vb_loss_args_cpu(model_mean, model_log_variance, x0, x_t, t, posterior);
   check_grad_loss(grad_loss, model_mean);
-  at::Tensor grad_m = empty_output_like(model_mean);
-  at::Tensor grad_lv = empty_output_like(model_mean);
+  at::Tensor grad_m = at::empty_like(model_mean);
+  at::Tensor grad_lv = at::empty_like(model_mean);
   if (model_mean.numel() == 0) return {grad_m, grad_lv};
   const int64_t* t_ptr = t.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, model_mean.scalar_type(), "vb_loss_bwd_cpu", [&] {
