@@ -52,6 +52,20 @@ def use_backend(name: str):
         _current.reset(token)
 
 
+# FASTDIFF_BACKEND is read on every call (tests and users set it at run time), from
+# os.environ's own dict where it has one: os.environ.get goes through three Python
+# frames, a few microseconds per op call inside a training step.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("FASTDIFF_BACKEND") if hasattr(os.environ, "encodekey") else None
+
+
+def _env_backend():
+    if _ENV_DATA is None or _ENV_KEY is None:
+        return os.environ.get("FASTDIFF_BACKEND")
+    value = _ENV_DATA.get(_ENV_KEY)
+    return None if value is None else os.environ.decodevalue(value)
+
+
 def requested_backend(backend=None) -> tuple[str, str]:
     """(name, where it came from)."""
     if backend is not None:
@@ -59,7 +73,7 @@ def requested_backend(backend=None) -> tuple[str, str]:
     ctx = _current.get()
     if ctx is not None:
         return ctx, "fastdiff.use_backend"
-    env = os.environ.get("FASTDIFF_BACKEND")
+    env = _env_backend()
     if env:
         try:
             return _check_name(env), "FASTDIFF_BACKEND"
@@ -120,7 +134,27 @@ def reasons_not_usable(name: str, op: str, device: torch.device) -> list[str]:
     raise ValueError(f"unknown backend {name!r}")
 
 
+# select()'s answers by (op, device, backend=, use_backend, FASTDIFF_BACKEND). They depend
+# on nothing else that can change after import (what loaded, what is installed), except
+# triton on CPU tensors (TRITON_INTERPRET): those are never kept. Errors are not kept.
+_selected: dict = {}
+
+
 def select(op: str, device: torch.device, backend=None) -> str:
+    """The backend that runs ``op`` on ``device``: the requested one if it can, else the first
+    usable one of the auto order; raises BackendError when a requested one cannot."""
+    if torch.compiler.is_compiling() or not (backend is None or type(backend) is str):
+        return _select(op, device, backend)  # traced as before; a bad backend= raises there
+    key = (op, device, backend, _current.get(), _env_backend())
+    name = _selected.get(key)
+    if name is None:
+        name = _select(op, device, backend)
+        if not (name == "triton" and device.type == "cpu"):
+            _selected[key] = name
+    return name
+
+
+def _select(op: str, device: torch.device, backend=None) -> str:
     name, source = requested_backend(backend)
     if name != "auto":
         why = reasons_not_usable(name, op, device)

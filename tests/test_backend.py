@@ -44,6 +44,36 @@ def test_use_backend_context_and_env(monkeypatch):
         select("q_sample", x.device)
 
 
+def test_selection_follows_every_change_after_it_is_kept(monkeypatch):
+    """select() keeps its answers; each input that can change between calls still counts."""
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("FASTDIFF_BACKEND", raising=False)
+    for _ in range(2):  # the second round answers from what the first kept
+        assert select("q_sample", cpu) == "cpu"
+        with fastdiff.use_backend("reference"):
+            assert select("q_sample", cpu) == "reference"
+        monkeypatch.setenv("FASTDIFF_BACKEND", "reference")
+        assert select("q_sample", cpu) == "reference"
+        assert select("q_sample", cpu, "cpu") == "cpu"
+        monkeypatch.setenv("FASTDIFF_BACKEND", "fastest")
+        with pytest.raises(ValueError, match="FASTDIFF_BACKEND"):
+            select("q_sample", cpu)
+        monkeypatch.delenv("FASTDIFF_BACKEND")
+        with pytest.raises(BackendError, match="from backend= argument"):
+            select("q_sample", cpu, "cuda")
+        with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+            select("q_sample", cpu, "cudnn")
+        with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+            select("q_sample", cpu, ["cpu"])  # not hashable: refused, not a TypeError
+    # triton on CPU tensors depends on TRITON_INTERPRET, read again each call
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select("q_sample", cpu, "triton") == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
+        select("q_sample", cpu, "triton")
+
+
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         fastdiff.use_backend("cudnn").__enter__()

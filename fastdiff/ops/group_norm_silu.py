@@ -22,7 +22,8 @@ def _native_layout(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_param(p, name, channels, x):
-    if p is None:
+    if p is None or (isinstance(p, torch.Tensor) and p.dtype in FLOAT_DTYPES and p.shape == (channels,)
+                     and p.device == x.device):
         return
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(p).__name__}")
@@ -32,6 +33,13 @@ def _check_param(p, name, channels, x):
         raise ValueError(f"{name} must have shape ({channels},) for x with {channels} channels, got {tuple(p.shape)}")
     if p.device != x.device:
         raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
+
+
+def _as_param(p, acc):
+    # tested before converting: a no-op .to().contiguous() still costs two dispatcher calls
+    if p is None or (p.dtype is acc and p.is_contiguous()):
+        return p
+    return p.to(acc).contiguous()
 
 
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, activation="silu", *, backend=None):
@@ -56,8 +64,8 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, activation=
     if name == "reference":
         return reference.group_norm_silu(x, num_groups, weight, bias, eps, activation)
     acc = opmath_dtype(x.dtype)  # the kernels take the affine parameters in fp32 (fp64): lossless
-    weight = None if weight is None else weight.to(acc).contiguous()
-    bias = None if bias is None else bias.to(acc).contiguous()
+    weight = _as_param(weight, acc)
+    bias = _as_param(bias, acc)
     y, _, _ = op_namespace(name).group_norm_silu(_native_layout(x), weight, bias, num_groups, float(eps),
                                                  activation == "silu")
     return y

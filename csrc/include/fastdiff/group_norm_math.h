@@ -57,23 +57,31 @@ struct GroupStats {
 };
 
 // Merges the channels [first, first + channels) of one (n, g) into the
-// group's mean and rstd: each channel's mean and M2 from its shifted sums,
-// then Chan's update (M2 += M2_c + d^2 n_a n_b / (n_a + n_b)).
+// group's mean and rstd. Every channel has the same count, so Chan's pairwise
+// update reduces to a closed form: the group mean is the mean of the channel
+// means and M2 = sum M2_c + count sum (mean_c - mean)^2, taken about that mean
+// (two passes over the channel means, no chain of dependent divisions).
 FASTDIFF_HD GroupStats group_moments(const ChannelSums* sums, int64_t channels, int64_t count,
                                      double eps) {
-  double mean = 0, m2 = 0, n = 0;
-  for (int64_t c = 0; c < channels; ++c) {
-    const double nc = double(count);
-    const double mean_c = sums[c].pilot + sums[c].sum1 / nc;
-    double m2_c = sums[c].sum2 - sums[c].sum1 * sums[c].sum1 / nc;
-    m2_c = m2_c > 0 ? m2_c : 0;
-    const double total = n + nc;
-    const double delta = mean_c - mean;
-    mean += delta * nc / total;
-    m2 += m2_c + delta * delta * n * nc / total;
-    n = total;
+  if (channels <= 0 || count <= 0) {
+#if defined(__CUDACC__) || defined(__HIPCC__)
+    return {0.0, ::rsqrt(eps)};
+#else
+    return {0.0, 1.0 / std::sqrt(eps)};
+#endif
   }
-  const double var = n > 0 ? m2 / n : 0;
+  const double nc = double(count), inv_nc = 1.0 / nc;
+  double sum_means = 0;
+  for (int64_t c = 0; c < channels; ++c) sum_means += sums[c].pilot + sums[c].sum1 * inv_nc;
+  const double mean = sum_means / double(channels);
+  double m2_within = 0, m2_between = 0;
+  for (int64_t c = 0; c < channels; ++c) {
+    const double m2_c = sums[c].sum2 - sums[c].sum1 * sums[c].sum1 * inv_nc;
+    m2_within += m2_c > 0 ? m2_c : 0;
+    const double delta = sums[c].pilot + sums[c].sum1 * inv_nc - mean;
+    m2_between += delta * delta;
+  }
+  const double var = (m2_within + nc * m2_between) / (nc * double(channels));
 #if defined(__CUDACC__) || defined(__HIPCC__)
   return {mean, ::rsqrt(var + eps)};
 #else
