@@ -336,7 +336,12 @@ def device_name(device: torch.device) -> str:
         import platform
 
         model = platform.processor() or model
-    return f"{model} ({torch.get_num_threads()} threads)"
+    # the vector ISA decides CPU timings as much as the model does (ATen and fastdiff dispatch on it)
+    from . import _C_loader
+
+    kernels = f"fastdiff {_C_loader.cpu_capability}" if _C_loader.cpu_capability else "no fastdiff cpu kernels"
+    return (f"{model} (ATen {torch.backends.cpu.get_cpu_capability()}, {kernels}, "
+            f"{torch.get_num_threads()} threads)")
 
 
 def triton_version() -> str:
