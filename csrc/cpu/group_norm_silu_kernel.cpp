@@ -118,7 +118,8 @@ void two_pass_tasks(int64_t lo, int64_t hi, bool skewed, const F& step) {
 
 // Whether to skew: while two groups in flight (x, dy or y, and the fp32 da scratch) take at
 // most twice the per-core L2 (measured on a Zen 4 with 1 MB of L2: pairs of 1.6 MB gain, pairs
-// of 6 MB did not).
+// of 6 MB did not; on a Zen 3 with 512 KB, widening the rule to take in pairs of 1.5 MB
+// measured within noise).
 inline bool skew_groups(int64_t group_size, int64_t elem_bytes) {
   static const int64_t l2 = [] {
 #if defined(_SC_LEVEL2_CACHE_SIZE)
