@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdiff  # noqa: F401  (registers torch.ops.fastdiff)
+from fastdiff.benchmark import parse_size
 
 GROUPS = 32
 
@@ -53,20 +54,20 @@ def variants(shape, channels_last):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="2x1280x16x16", help="NxCxHxW")
+    ap.add_argument("--shape", default="2x1280x16x16", type=parse_size, help="NxCxHxW")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--only", help="one variant, alone in this process")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    shape = args.shape
+    if len(shape) != 4 or shape[1] % GROUPS:
+        ap.error(f"--shape must be NxCxHxW with C divisible by {GROUPS}, got {'x'.join(map(str, shape))}")
+    for name in ("rounds", "calls", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
-    try:
-        shape = tuple(int(s) for s in args.shape.split("x"))
-    except ValueError:
-        shape = ()
-    if len(shape) != 4 or min(shape) < 1 or shape[1] % GROUPS:
-        ap.error(f"--shape must be NxCxHxW of positive ints with C divisible by {GROUPS}, got {args.shape!r}")
     fns = variants(shape, args.channels_last)
     if args.only is not None:
         if args.only not in fns:
@@ -81,7 +82,7 @@ def main(argv=None):
             if r >= 2:
                 times[k].append((time.perf_counter() - t) / args.calls)
     layout = "channels_last" if args.channels_last else "contiguous"
-    print(f"shape {args.shape} {layout}, {args.threads} threads, median of {args.rounds} rounds x {args.calls} calls")
+    print(f"shape {'x'.join(map(str, shape))} {layout}, {args.threads} threads, median of {args.rounds} rounds x {args.calls} calls")
     for k, v in times.items():
         print(f"  {k:18s} {statistics.median(v) * 1e6:9.1f} us")
 
