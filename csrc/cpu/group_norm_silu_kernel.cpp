@@ -28,10 +28,15 @@ namespace {
 // Pixels per channels-last task (x C channels each).
 constexpr int64_t kPixels = 256;
 
-// Pixels per run of the channels-last forward (channel_vectors_by_runs). The backward goes
-// pixel by pixel: runs of 4 or 8 measured slower in its first pass at 64x64 maps (its da
-// stores), at best within noise in its second, on a Zen 4.
+// Pixels per run of the channels-last forward (channel_vectors_by_runs), used from
+// kRunMinChannels channels on. Forward, pixel by pixel -> runs of 4, fp32 on a Zen 4, one
+// process, glibc memory kept, min of 57 interleaved rounds: 1x512x64x64 0.406 -> 0.345 ms,
+// 2x320x64x64 0.435 -> 0.380, 2x1280x16x16 0.162 -> 0.134, but 1x128x256x256 2.087 -> 2.635
+// (and 2.513 -> 4.077, 128x128x32x32 5.165 -> 8.309 in another run; the cause is not known,
+// that VM has no hardware counters). The backward goes pixel by pixel: runs measured slower
+// in its first pass at 64x64 maps, within noise in its second.
 constexpr int kRun = 4;
+constexpr int64_t kRunMinChannels = 256;
 
 // Tasks per thread at least: waking a thread costs microseconds, which a few thousand
 // elements of exp and division (a U-Net's 8x8 and 4x4 maps) do not pay back.
@@ -296,6 +301,16 @@ inline void channel_vectors_by_runs(int64_t p0, int64_t p1, int64_t nch, const F
   }
 }
 
+// Runs where they measured faster: with C >= kRunMinChannels (see kRun).
+template <typename scalar_t, typename F>
+inline void forward_channel_vectors(int64_t p0, int64_t p1, int64_t nch, const F& f) {
+  if (nch >= kRunMinChannels) {
+    channel_vectors_by_runs<kRun, scalar_t>(p0, p1, nch, f);
+  } else {
+    channel_vectors_by_runs<1, scalar_t>(p0, p1, nch, f);
+  }
+}
+
 template <typename scalar_t>
 void forward_nhwc(const GroupNormArgs& a, const scalar_t* x, const at::opmath_type<scalar_t>* w,
                   const at::opmath_type<scalar_t>* b, double eps, bool silu, scalar_t* y,
@@ -314,7 +329,7 @@ void forward_nhwc(const GroupNormArgs& a, const scalar_t* x, const at::opmath_ty
     acc_t* s2 = s1 + nch;
     std::fill(s1, s1 + 2 * nch, acc_t(0));
     // pixel-major: x streams in memory order; the 2C sums stay in L1
-    channel_vectors_by_runs<kRun, scalar_t>(p0, p1, nch, [&](int64_t c, int64_t len, int64_t p, auto run) {
+    forward_channel_vectors<scalar_t>(p0, p1, nch, [&](int64_t c, int64_t len, int64_t p, auto run) {
       const Vec pilot = IO::load(xs + c, len);
       Vec a1 = Vec::loadu(s1 + c, len), a2 = Vec::loadu(s2 + c, len);
       for (int j = 0; j < decltype(run)::value; ++j) {
@@ -359,7 +374,7 @@ void forward_nhwc(const GroupNormArgs& a, const scalar_t* x, const at::opmath_ty
     const acc_t* sh_n = shift.data() + n * nch;
     const scalar_t* xs = x + n * a.hw * nch;
     scalar_t* ys = y + n * a.hw * nch;
-    channel_vectors_by_runs<kRun, scalar_t>(p0, p1, nch, [&](int64_t c, int64_t len, int64_t p, auto run) {
+    forward_channel_vectors<scalar_t>(p0, p1, nch, [&](int64_t c, int64_t len, int64_t p, auto run) {
       const Vec sc = Vec::loadu(sc_n + c, len), sh = Vec::loadu(sh_n + c, len);
       for (int j = 0; j < decltype(run)::value; ++j) {
         const int64_t off = (p + j) * nch + c;
