@@ -19,6 +19,7 @@ CASES = [  # (shape, groups)
     ((2, 8, 3, 4, 5), 4),    # 3-D
     ((4, 6), 3),             # no spatial dims
     ((2, 72, 5, 3), 8),      # channels-last: a full register block of channels + a partial vector
+    ((2, 260, 5, 3), 4),     # channels-last from 256 channels: runs of 4 pixels + 3 alone, partial vector
 ]
 LARGE = ((2, 64, 48, 48), 32)  # several CPU chunks per channel
 
@@ -102,8 +103,8 @@ def _check_within_eager_error(xl, wl, bl, dyl, groups, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", (torch.float32,) + REDUCED_DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_low_precision_within_eager_error(backend, dtype, channels_last):
-    shape, groups = ((2, 32, 12, 12), 8)
+@pytest.mark.parametrize("shape, groups", [((2, 32, 12, 12), 8), ((2, 264, 7, 5), 8)])  # C >= 256: pixel runs
+def test_low_precision_within_eager_error(backend, dtype, channels_last, shape, groups):
     x64, w64, b64, dy64 = _inputs(shape)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     _check_within_eager_error(x64.to(dtype).to(memory_format=fmt), w64.to(dtype), b64.to(dtype), dy64.to(dtype),
