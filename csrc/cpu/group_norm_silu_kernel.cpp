@@ -287,14 +287,15 @@ void parallel_over_pixel_blocks(const GroupNormArgs& a, const F& body) {
 }
 
 // Calls f(c, len, p, run) for each channel vector [c, c + len) of the pixels [p, p + run),
-// run a compile-time count (std::integral_constant): runs of kRun pixels, then one by one.
+// run a compile-time count (std::integral_constant): runs of kLength pixels, then one by one.
 // A run loads a channel vector's parameters and running sums once for all its pixels, and
 // adds each pixel in the pixel order, so the sums are those of a pixel-by-pixel loop.
-template <int kRun, typename scalar_t, typename F>
+template <int kLength, typename scalar_t, typename F>
 inline void channel_vectors_by_runs(int64_t p0, int64_t p1, int64_t nch, const F& f) {
   int64_t p = p0;
-  for (; p + kRun <= p1; p += kRun) {
-    vector_steps<scalar_t>(0, nch, [&](int64_t c, int64_t len) { f(c, len, p, std::integral_constant<int, kRun>{}); });
+  for (; p + kLength <= p1; p += kLength) {
+    vector_steps<scalar_t>(0, nch,
+                           [&](int64_t c, int64_t len) { f(c, len, p, std::integral_constant<int, kLength>{}); });
   }
   for (; p < p1; ++p) {
     vector_steps<scalar_t>(0, nch, [&](int64_t c, int64_t len) { f(c, len, p, std::integral_constant<int, 1>{}); });
