@@ -5,6 +5,7 @@ Runs are tiny (16x16 images, batch 4, a few steps) so the file stays quick on a 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -145,9 +146,16 @@ def test_vae_grid_with_a_small_dataset(tmp_path):
         assert im.size == (16 + 2 * 2, 6 * 16 + 7 * 2)  # 3 input rows over reconstructions, 1 column
 
 
+def _free_port():
+    # a port of its own for each launch: one per test process was still in TIME_WAIT for the next launch
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _torchrun_cmd(nproc, out, *args):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            "0" if nproc == 1 else str(29500 + os.getpid() % 1000), "-m", "fastdiff", "train", *TINY,
+            "0" if nproc == 1 else str(_free_port()), "-m", "fastdiff", "train", *TINY,
             "--out", str(out), *args]
 
 
