@@ -147,7 +147,8 @@ def test_vae_grid_with_a_small_dataset(tmp_path):
 
 
 def _free_port():
-    # a port of its own for each launch: one per test process was still in TIME_WAIT for the next launch
+    # one the OS has free now, per launch: a port derived from the pid collided with a second test run on the
+    # same machine (EADDRINUSE); a race remains between closing this socket and torchrun binding the port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
