@@ -38,6 +38,18 @@ constexpr int64_t kPixels = 256;
 constexpr int kRun = 4;
 constexpr int64_t kRunMinChannels = 256;
 
+// NC* pass 1 prefetches its streams (x; dy in the backward) this far ahead. NC* full, fp32,
+// Zen 4, glibc memory kept, medians of 31 interleaved rounds, none -> 512 B:
+// 2x1280x16x16 0.599 -> 0.551 ms, 1x512x64x64 2.050 -> 1.909, 128x128x32x32 18.34 -> 17.00
+// (the backward gains most: 1x512x64x64 1.129 -> 1.044; 256 B and 1024 B gained less).
+// Channels-last passes measured within noise with it, so they go without.
+constexpr int64_t kPrefetchBytes = 512;
+
+template <typename T>
+inline void prefetch_ahead(const T* p) {
+  __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes);
+}
+
 // Tasks per thread at least: waking a thread costs microseconds, which a few thousand
 // elements of exp and division (a U-Net's 8x8 and 4x4 maps) do not pay back.
 constexpr int64_t kMinElementsPerThread = 8192;
@@ -176,6 +188,7 @@ void forward_nchw(const GroupNormArgs& a, const scalar_t* x, const at::opmath_ty
           Vec s1(acc_t(0)), s2(acc_t(0));
           vector_steps<scalar_t>(begin, std::min(begin + kChunk, hw), [&](int64_t i, int64_t len) {
             if (first) {
+              prefetch_ahead(x_row1 + i);  // the row, then the next rows of the group
               Vec d = IO::load(x_row1 + i, len) - Vec(pilot);
               if (len < IO::kSize) d = Vec::set(Vec(acc_t(0)), d, len);  // tail lanes add nothing
               s1 = s1 + d;
@@ -239,6 +252,8 @@ void backward_nchw(const GroupNormArgs& a, const scalar_t* dy, const scalar_t* x
           Vec s1(acc_t(0)), s2(acc_t(0));
           vector_steps<scalar_t>(begin, std::min(begin + kChunk, hw), [&](int64_t i, int64_t len) {
             if (first) {
+              prefetch_ahead(x_row1 + i);
+              prefetch_ahead(dy_row + i);
               const Vec xv = IO::load(x_row1 + i, len);
               // tail lanes load dy = 0, so da = 0 there
               const Vec da = norm_act_grad(xv, scale1, shift1, IO::load(dy_row + i, len), act);
