@@ -38,16 +38,22 @@ constexpr int64_t kPixels = 256;
 constexpr int kRun = 4;
 constexpr int64_t kRunMinChannels = 256;
 
-// NC* pass 1 prefetches its streams (x; dy in the backward) this far ahead. NC* full, fp32,
-// Zen 4, glibc memory kept, medians of 31 interleaved rounds, none -> 512 B:
-// 2x1280x16x16 0.599 -> 0.551 ms, 1x512x64x64 2.050 -> 1.909, 128x128x32x32 18.34 -> 17.00
-// (the backward gains most: 1x512x64x64 1.129 -> 1.044; 256 B and 1024 B gained less).
-// Channels-last passes measured within noise with it, so they go without.
+// NC* prefetches this far ahead the streams pass 1 reads (x; dy in the backward) and those pass
+// 2 writes (y; dx), the latter for writing. NC* full, fp32, Zen 4, glibc memory kept, medians of
+// 31-41 interleaved rounds, none -> 512 B on the reads: 2x1280x16x16 0.599 -> 0.551 ms,
+// 1x512x64x64 2.050 -> 1.909, 128x128x32x32 18.34 -> 17.00 (the backward gains most; 256 B and
+// 1024 B gained less); then on the writes too: 0.497 -> 0.477, 1.219 -> 1.187, 11.97 -> 11.78.
+// Channels-last passes measured within noise with read prefetches, so they go without.
 constexpr int64_t kPrefetchBytes = 512;
 
 template <typename T>
 inline void prefetch_ahead(const T* p) {
   __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes);
+}
+
+template <typename T>
+inline void prefetch_ahead_for_write(T* p) {
+  __builtin_prefetch(reinterpret_cast<char*>(p) + kPrefetchBytes, 1);
 }
 
 // Tasks per thread at least: waking a thread costs microseconds, which a few thousand
@@ -194,7 +200,10 @@ void forward_nchw(const GroupNormArgs& a, const scalar_t* x, const at::opmath_ty
               s1 = s1 + d;
               s2 = at::vec::fmadd(d, d, s2);
             }
-            if (second) IO::store(y_row + i, norm_act(IO::load(x_row2 + i, len), scale, shift, act), len);
+            if (second) {
+              prefetch_ahead_for_write(y_row + i);
+              IO::store(y_row + i, norm_act(IO::load(x_row2 + i, len), scale, shift, act), len);
+            }
           });
           sums[k].sum1 += lane_sum(s1);
           sums[k].sum2 += lane_sum(s2);
@@ -262,6 +271,7 @@ void backward_nchw(const GroupNormArgs& a, const scalar_t* dy, const scalar_t* x
               s2 = at::vec::fmadd(da, at::vec::fmadd(xv, xhat_scale, xhat_shift), s2);
             }
             if (second) {
+              prefetch_ahead_for_write(dx_row + i);
               const Vec lin = at::vec::fmadd(c2, IO::load(x_row2 + i, len), c3);
               IO::store(dx_row + i, at::vec::fmadd(scale2, Vec::loadu(da_row2 + i, len), lin), len);
             }
