@@ -39,8 +39,8 @@ constexpr int kRun = 4;
 constexpr int64_t kRunMinChannels = 256;
 
 // NC* prefetches this far ahead the streams pass 1 reads (x; dy in the backward) and those pass
-// 2 writes (y; dx), the latter for writing. NC* full, fp32, Zen 4, glibc memory kept, medians of
-// 31-41 interleaved rounds, none -> 512 B on the reads: 2x1280x16x16 0.599 -> 0.551 ms,
+// 2 writes (y; dx), the latter for writing. NC* full, fp32, Zen 4, glibc memory kept, warm caches,
+// medians of 31-41 interleaved rounds, none -> 512 B on the reads: 2x1280x16x16 0.599 -> 0.551 ms,
 // 1x512x64x64 2.050 -> 1.909, 128x128x32x32 18.34 -> 17.00 (the backward gains most; 256 B and
 // 1024 B gained less); then on the writes too: 0.497 -> 0.477, 1.219 -> 1.187, 11.97 -> 11.78.
 // Channels-last passes measured within noise with read prefetches, so they go without.
