@@ -205,6 +205,60 @@ def test_large_outputs_other_cpu_capability(cap):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
 
 
+_WORK_ORDER_CASES = [  # (shape, groups, dtype)
+    ((2, 1280, 16, 16), 32, torch.float32),   # slices of several groups, 40 channels each
+    ((2, 72, 17, 19), 8, torch.float32),      # more than one 256-pixel chunk; partial vectors
+    ((3, 264, 7, 5), 4, torch.bfloat16),      # runs of 4 pixels + the rest
+    ((2, 40, 11, 13), 8, torch.float16),
+    ((2, 48, 9, 7), 4, torch.float64),
+    ((2, 64, 96, 96), 32, torch.float32),     # pixel blocks under any L2 (2 channels per group)
+]
+
+
+def _cpu_outputs_here():
+    """y, dx, dw, db of the CPU kernels for _WORK_ORDER_CASES, every layout."""
+    out = []
+    for shape, groups, dtype in _WORK_ORDER_CASES:
+        x, w, b, dy = _inputs(shape, dtype=dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for layout, xl in _layouts(x):
+            args = [xl.clone().requires_grad_(True), w.to(acc).requires_grad_(True), b.to(acc).requires_grad_(True)]
+            y = fastdiff.group_norm_silu(args[0], groups, args[1], args[2], backend="cpu")
+            dyl = dy.to(memory_format=torch.channels_last) if layout == "channels_last" else dy
+            out.append((layout, y.detach()) + torch.autograd.grad(y, args, dyl))
+    return out
+
+
+def _cpu_outputs_for_l2(l2_bytes, tmp_path):
+    """_cpu_outputs_here() in a process whose CPU kernels plan for an L2 of l2_bytes."""
+    path = tmp_path / f"l2_{l2_bytes}.pt"
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import test_group_norm_silu as t;"
+            "torch.save(t._cpu_outputs_here(), sys.argv[2])")
+    env = dict(os.environ, FASTDIFF_CPU_L2_BYTES=str(l2_bytes))
+    proc = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), str(path)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return torch.load(path)
+
+
+def test_work_order_never_changes_the_bits(tmp_path):
+    """The CPU kernels choose their work order from the L2 size (NC*: pairs of groups or one at a
+    time; channels-last: slices of groups or pixel blocks). A 64-byte L2 takes single groups and
+    pixel blocks everywhere, a 1 GB one pairs and slices: outputs and gradients must be bitwise
+    equal, and match torch."""
+    small, large = _cpu_outputs_for_l2(64, tmp_path), _cpu_outputs_for_l2(1 << 30, tmp_path)
+    assert len(small) == len(large) == 2 * len(_WORK_ORDER_CASES)
+    for (layout, *a), (_, *b) in zip(small, large):
+        for name, ta, tb in zip(("y", "dx", "dw", "db"), a, b):
+            assert ta.stride() == tb.stride() and torch.equal(ta, tb), (layout, name)
+    for k, (shape, groups, dtype) in enumerate(_WORK_ORDER_CASES):
+        x, w, b, _ = _inputs(shape)
+        want = _eager(x, groups, w, b)
+        for layout, y, *_ in large[2 * k:2 * k + 2]:
+            tol = 1e-10 if dtype == torch.float64 else (1e-4 if dtype == torch.float32 else 5e-2)
+            assert_close(y.double(), want, tol, tol, f"y {shape} {dtype} {layout}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_mean_statistics(backend):
     """|mean| >> std: the shifted sums keep the variance (sum of squares would cancel in fp32)."""

@@ -5,16 +5,20 @@
 // elements: a statistics pass, then the write pass while the group is still
 // in cache (a group of SD-UNet's (2, 320, 64, 64) / 32 is 160 KB), the second
 // pass of one group in the same loop as the first pass of the next (below).
-// Channels-last: the group's elements are strided, so tasks are (n, block of
-// kPixels pixels) with vectors running over channels; per-block channel sums
-// are merged in block order. Every split depends only on the shape, never on
-// the thread count: results are bitwise reproducible. No atomics.
+// Channels-last: the group's elements are strided. Where a slice of whole groups
+// over all pixels fits the L2 (small maps: a U-Net's 16x16 and 8x8 levels), tasks
+// are (n, slice), two passes each like NC*'s; otherwise tasks are (n, block of
+// kPixels pixels) with vectors running over channels, and per-block channel sums
+// are merged in block order. The arithmetic is the same whatever the split (thread
+// count, L2 size, slices or blocks): results are bitwise reproducible. No atomics.
 #include <torch/library.h>
 
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -144,19 +148,29 @@ void two_pass_tasks(int64_t lo, int64_t hi, bool skewed, const F& step) {
   }
 }
 
-// Whether to skew: while two groups in flight (x, dy or y, and the fp32 da scratch) take at
-// most twice the per-core L2 (measured on a Zen 4 with 1 MB of L2: pairs of 1.6 MB gain, pairs
-// of 6 MB did not; on a Zen 3 with 512 KB, widening the rule to take in pairs of 1.5 MB
-// measured within noise).
-inline bool skew_groups(int64_t group_size, int64_t elem_bytes) {
+// The per-core L2 the kernels plan for: FASTDIFF_CPU_L2_BYTES, else what the OS reports
+// (VMs may report the host's), else 1 MB. It sets the work order only, never the results.
+inline int64_t l2_cache_bytes() {
   static const int64_t l2 = [] {
+    if (const char* e = std::getenv("FASTDIFF_CPU_L2_BYTES")) {
+      const long long v = std::atoll(e);
+      if (v > 0) return int64_t(v);
+    }
 #if defined(_SC_LEVEL2_CACHE_SIZE)
     const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
     if (v > 0) return int64_t(v);
 #endif
     return int64_t(1) << 20;
   }();
-  return 2 * group_size * (2 * elem_bytes + 4) <= 2 * l2;
+  return l2;
+}
+
+// Whether to skew: while two groups in flight (x, dy or y, and the fp32 da scratch) take at
+// most twice the per-core L2 (measured on a Zen 4 with 1 MB of L2: pairs of 1.6 MB gain, pairs
+// of 6 MB did not; on a Zen 3 with 512 KB, widening the rule to take in pairs of 1.5 MB
+// measured within noise).
+inline bool skew_groups(int64_t group_size, int64_t elem_bytes) {
+  return 2 * group_size * (2 * elem_bytes + 4) <= 2 * l2_cache_bytes();
 }
 
 template <typename scalar_t>
@@ -337,13 +351,256 @@ inline void forward_channel_vectors(int64_t p0, int64_t p1, int64_t nch, const F
   }
 }
 
+// The channels-last forward's steps over one channel vector [c, c + len) of a run of pixels
+// [p, p + kLength), shared by the pixel-block and slice kernels (one arithmetic in both).
+// Pass 1: adds x - x at pixel 0 to the chunk sums s1 and s2.
+template <int kLength, typename scalar_t, typename acc_t>
+inline void add_shifted_run(const scalar_t* xs, int64_t nch, int64_t c, int64_t len, int64_t p, acc_t* s1,
+                            acc_t* s2) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  const Vec pilot = IO::load(xs + c, len);
+  Vec a1 = Vec::loadu(s1 + c, len), a2 = Vec::loadu(s2 + c, len);
+  for (int j = 0; j < kLength; ++j) {
+    const Vec d = IO::load(xs + (p + j) * nch + c, len) - pilot;
+    a1 = a1 + d;
+    a2 = at::vec::fmadd(d, d, a2);
+  }
+  a1.store(s1 + c, len);
+  a2.store(s2 + c, len);
+}
+
+// Pass 2: y = act(scale x + shift).
+template <int kLength, typename scalar_t, typename acc_t>
+inline void write_run(const scalar_t* xs, scalar_t* ys, int64_t nch, int64_t c, int64_t len, int64_t p,
+                      const acc_t* scale, const acc_t* shift, bool act) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  const Vec sc = Vec::loadu(scale + c, len), sh = Vec::loadu(shift + c, len);
+  for (int j = 0; j < kLength; ++j) {
+    const int64_t off = (p + j) * nch + c;
+    IO::store(ys + off, norm_act(IO::load(xs + off, len), sc, sh, act), len);
+  }
+}
+
+// ---- channels-last slices --------------------------------------------------------------
+//
+// Where the shape allows, a channels-last task is (n, slice of whole groups over all pixels),
+// like NC*'s (n, g): the slice's statistics and its write pass need nothing from other tasks,
+// and pass 2 finds the slice still in L2 instead of refetching the sample from L3 or memory.
+// The slice kernels keep the pixel-block kernels' arithmetic (sums in the accumulation type
+// within kPixels pixels, in double across them, in the same order), so both give the same
+// bits and the choice between them, which depends on the cache, never shows in the results.
+
+// The share of L2 that rows of `width` bytes at a stride of `stride` bytes can occupy: with
+// a power-of-two stride they map to a few of the sets only (C = 512 fp32: rows 2 KB apart
+// reach 1 set in 32 of a 1 MB 8-way L2), and a slice that "fits" thrashes.
+inline double strided_l2_share(int64_t width, int64_t stride, int64_t l2) {
+  static const int64_t ways = [] {
+#if defined(_SC_LEVEL2_CACHE_ASSOC)
+    const long v = sysconf(_SC_LEVEL2_CACHE_ASSOC);
+    if (v > 0) return int64_t(v);
+#endif
+    return int64_t(8);
+  }();
+  const int64_t set_period = std::max<int64_t>(64, l2 / ways);  // bytes before set indices repeat
+  return std::min(1.0, double(width) / double(std::gcd(stride, set_period)));
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Groups per slice task, or 0 for the pixel-block kernels: the largest count whose rows
+// (`strided` tensors of elem_bytes, the slice's x, dy, y or dx) fit their share of the L2
+// and, with `scratch_bytes` per element of contiguous scratch, the whole L2, preferring
+// counts that give every thread a task. Backward, fp32, Zen 4 (1 MB 8-way L2), pixel blocks
+// -> slices, medians of 31 interleaved rounds: 2x1280x16x16 in slices of 6 groups (960-byte
+// rows) 0.43 -> 0.29 ms; but in slices of 1 group (160-byte rows) 0.58 -> 0.71, 4x512x32x32 in
+// slices of 4 (256-byte rows, 1/8 of the sets) 0.70 -> 1.13 and 1x512x64x64 in slices of 1
+// (64-byte rows) 1.4 -> 3.6: those the rule leaves to the pixel blocks.
+inline int64_t nhwc_slice_groups(const GroupNormArgs& a, int64_t elem_bytes, int64_t strided,
+                                 int64_t scratch_bytes) {
+  const int64_t cpg = a.channels / a.groups, l2 = l2_cache_bytes();
+  const int64_t stride = a.channels * elem_bytes, threads = at::get_num_threads();
+  int64_t best = 0;
+  for (int64_t k = a.groups; k >= 1; --k) {
+    const int64_t width = k * cpg * elem_bytes;
+    const double rows = double(a.hw) * double(width) * double(strided);
+    const double scratch = double(a.hw) * double(k * cpg) * double(scratch_bytes);
+    if (rows > strided_l2_share(width, stride, l2) * double(l2) || rows + scratch > double(l2)) continue;
+    if (best == 0) best = k;
+    if (a.batch * ((a.groups + k - 1) / k) >= threads) {
+      best = k;
+      break;
+    }
+  }
+  // as many slices, evened out (32 groups in slices of 25 -> of 16); narrower rows still fit
+  return best == 0 ? 0 : ceil_div(a.groups, ceil_div(a.groups, best));
+}
+
+// A buffer of at least `count` elements, kept by the thread from call to call: the slices'
+// scratch is at most the L2's size, and a fresh one each call costs page faults.
+template <typename T>
+T* thread_scratch(int64_t count) {
+  thread_local std::vector<T> buf;
+  if (int64_t(buf.size()) < count) buf.resize(count);
+  return buf.data();
+}
+
+// One slice task: sample n, groups [g0, g1), channels [c0, c0 + width); sample_offset is the
+// offset of the slice's pixel 0 in x.
+struct Slice {
+  int64_t n, g0, g1, c0, width, sample_offset;
+};
+
+// Calls body(slice) for each slice of slice_groups groups of each sample, in parallel.
+template <typename F>
+void parallel_over_slices(const GroupNormArgs& a, int64_t slice_groups, const F& body) {
+  const int64_t slices = (a.groups + slice_groups - 1) / slice_groups, cpg = a.channels / a.groups;
+  const int64_t grain = task_grain(a.hw * slice_groups * cpg);
+  at::parallel_for(0, a.batch * slices, grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t n = task / slices, g0 = (task % slices) * slice_groups;
+      const int64_t g1 = std::min(g0 + slice_groups, a.groups);
+      body(Slice{n, g0, g1, g0 * cpg, (g1 - g0) * cpg, n * a.hw * a.channels + g0 * cpg});
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_nhwc_slices(const GroupNormArgs& a, int64_t slice_groups, const scalar_t* x,
+                         const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* b, double eps,
+                         bool silu, scalar_t* y, at::opmath_type<scalar_t>* mean_out,
+                         at::opmath_type<scalar_t>* rstd_out) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  const int64_t width_max = slice_groups * (a.channels / a.groups);
+  parallel_over_slices(a, slice_groups, [&](const Slice& t) {
+    const int64_t nch = a.channels, G = a.groups, cpg = nch / G, hw = a.hw;  // locals (see parallel_over_pixel_blocks)
+    const int64_t n = t.n, g0 = t.g0, g1 = t.g1, c0 = t.c0, width = t.width;
+    const bool act = silu;
+    const scalar_t* xs = x + t.sample_offset;
+    scalar_t* ys = y + t.sample_offset;
+    // per-channel chunk sums, then scale and shift
+    std::unique_ptr<acc_t[]> buf(new acc_t[4 * width_max]);
+    acc_t *s1 = buf.get(), *s2 = s1 + width, *sc = s2 + width, *sh = sc + width;
+    std::vector<ChannelSums> sums(width);
+    for (int64_t k = 0; k < width; ++k) sums[k] = {double(acc_t(xs[k])), 0.0, 0.0};
+    // pass 1: shifted sums about pixel 0, as forward_nhwc's
+    for (int64_t p0 = 0; p0 < hw; p0 += kPixels) {
+      std::fill(s1, s1 + 2 * width, acc_t(0));
+      channel_vectors_by_runs<kRun, scalar_t>(p0, std::min(p0 + kPixels, hw), width,
+                                              [&](int64_t c, int64_t len, int64_t p, auto run) {
+        add_shifted_run<decltype(run)::value>(xs, nch, c, len, p, s1, s2);
+      });
+      for (int64_t k = 0; k < width; ++k) {
+        sums[k].sum1 += s1[k];
+        sums[k].sum2 += s2[k];
+      }
+    }
+    for (int64_t g = g0; g < g1; ++g) {
+      const GroupStats st = group_moments(&sums[(g - g0) * cpg], cpg, hw, eps);
+      mean_out[n * G + g] = acc_t(st.mean);
+      rstd_out[n * G + g] = acc_t(st.rstd);
+    }
+    for (int64_t k = 0; k < width; ++k) {
+      const int64_t ng = n * G + g0 + k / cpg;
+      const Fold f = fold(double(mean_out[ng]), double(rstd_out[ng]), param(w, c0 + k, 1.0), param(b, c0 + k, 0.0));
+      sc[k] = acc_t(f.scale);
+      sh[k] = acc_t(f.shift);
+    }
+    // pass 2: y = silu(scale x + shift)
+    channel_vectors_by_runs<kRun, scalar_t>(0, hw, width, [&](int64_t c, int64_t len, int64_t p, auto run) {
+      write_run<decltype(run)::value>(xs, ys, nch, c, len, p, sc, sh, act);
+    });
+  });
+}
+
+template <typename scalar_t>
+void backward_nhwc_slices(const GroupNormArgs& a, int64_t slice_groups, const scalar_t* dy, const scalar_t* x,
+                          const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* b,
+                          const at::opmath_type<scalar_t>* mean_in, const at::opmath_type<scalar_t>* rstd_in,
+                          bool silu, scalar_t* dx, std::vector<double>& ds, std::vector<double>& dsx) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  const int64_t width_max = slice_groups * (a.channels / a.groups);
+  parallel_over_slices(a, slice_groups, [&](const Slice& t) {
+    const int64_t nch = a.channels, G = a.groups, cpg = nch / G, hw = a.hw;  // locals (see parallel_over_pixel_blocks)
+    const int64_t n = t.n, g0 = t.g0, g1 = t.g1, c0 = t.c0, width = t.width;
+    const bool act = silu;
+    const scalar_t* xs = x + t.sample_offset;
+    const scalar_t* dys = dy + t.sample_offset;
+    scalar_t* dxs = dx + t.sample_offset;
+    double* ds_n = ds.data() + n * nch + c0;
+    double* dsx_n = dsx.data() + n * nch + c0;
+    // per-channel chunk sums, folds, xhat = x rstd - mean rstd, and dx's c2 and c3; then da
+    // of the slice, pixel-major, kept from pass 1 for pass 2 (no second sigmoid)
+    acc_t* s1 = thread_scratch<acc_t>(8 * width_max + hw * width_max);
+    acc_t *s2 = s1 + width, *sc = s2 + width, *sh = sc + width;
+    acc_t *xsc = sh + width, *xsh = xsc + width, *c2 = xsh + width, *c3 = c2 + width, *da_s = c3 + width;
+    for (int64_t k = 0; k < width; ++k) {
+      const int64_t ng = n * G + g0 + k / cpg;
+      const double mean = mean_in[ng], rstd = rstd_in[ng];
+      const Fold f = fold(mean, rstd, param(w, c0 + k, 1.0), param(b, c0 + k, 0.0));
+      sc[k] = acc_t(f.scale);
+      sh[k] = acc_t(f.shift);
+      xsc[k] = acc_t(rstd);
+      xsh[k] = acc_t(-mean * rstd);
+      ds_n[k] = 0;
+      dsx_n[k] = 0;
+    }
+    // pass 1: da and its per-channel sums ds and dsx
+    for (int64_t p0 = 0; p0 < hw; p0 += kPixels) {
+      std::fill(s1, s1 + 2 * width, acc_t(0));
+      channel_vectors_by_runs<kRun, scalar_t>(p0, std::min(p0 + kPixels, hw), width,
+                                              [&](int64_t c, int64_t len, int64_t p, auto run) {
+        const Vec scv = Vec::loadu(sc + c, len), shv = Vec::loadu(sh + c, len);
+        const Vec xscv = Vec::loadu(xsc + c, len), xshv = Vec::loadu(xsh + c, len);
+        Vec a1 = Vec::loadu(s1 + c, len), a2 = Vec::loadu(s2 + c, len);
+        for (int j = 0; j < decltype(run)::value; ++j) {
+          const int64_t off = (p + j) * nch + c;
+          const Vec xv = IO::load(xs + off, len);
+          const Vec da = norm_act_grad(xv, scv, shv, IO::load(dys + off, len), act);
+          da.store(da_s + (p + j) * width + c, len);
+          a1 = a1 + da;
+          a2 = at::vec::fmadd(da, at::vec::fmadd(xv, xscv, xshv), a2);
+        }
+        a1.store(s1 + c, len);
+        a2.store(s2 + c, len);
+      });
+      for (int64_t k = 0; k < width; ++k) {
+        ds_n[k] += s1[k];
+        dsx_n[k] += s2[k];
+      }
+    }
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t k0 = (g - g0) * cpg;
+      const DxCoeffs k2 = dx_coeffs(ds_n + k0, dsx_n + k0, w, c0 + k0, cpg, double(cpg * hw),
+                                    double(mean_in[n * G + g]), double(rstd_in[n * G + g]));
+      std::fill(c2 + k0, c2 + k0 + cpg, acc_t(k2.c2));
+      std::fill(c3 + k0, c3 + k0 + cpg, acc_t(k2.c3));
+    }
+    // pass 2: dx = scale da + c2 x + c3
+    channel_vectors_by_runs<kRun, scalar_t>(0, hw, width, [&](int64_t c, int64_t len, int64_t p, auto run) {
+      const Vec scv = Vec::loadu(sc + c, len), c2v = Vec::loadu(c2 + c, len), c3v = Vec::loadu(c3 + c, len);
+      for (int j = 0; j < decltype(run)::value; ++j) {
+        const int64_t off = (p + j) * nch + c;
+        const Vec lin = at::vec::fmadd(c2v, IO::load(xs + off, len), c3v);
+        IO::store(dxs + off, at::vec::fmadd(scv, Vec::loadu(da_s + (p + j) * width + c, len), lin), len);
+      }
+    });
+  });
+}
+
 template <typename scalar_t>
 void forward_nhwc(const GroupNormArgs& a, const scalar_t* x, const at::opmath_type<scalar_t>* w,
                   const at::opmath_type<scalar_t>* b, double eps, bool silu, scalar_t* y,
                   at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* rstd_out) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
+  if (const int64_t k = nhwc_slice_groups(a, sizeof(scalar_t), 2, 0); k > 0) {
+    return forward_nhwc_slices(a, k, x, w, b, eps, silu, y, mean_out, rstd_out);
+  }
   const int64_t C = a.channels, cpg = C / a.groups;
   const int64_t blocks = (a.hw + kPixels - 1) / kPixels;
   // pass 1: per-(n, block, c) shifted sums about the sample's pixel 0
@@ -356,15 +613,7 @@ void forward_nhwc(const GroupNormArgs& a, const scalar_t* x, const at::opmath_ty
     std::fill(s1, s1 + 2 * nch, acc_t(0));
     // pixel-major: x streams in memory order; the 2C sums stay in L1
     forward_channel_vectors<scalar_t>(p0, p1, nch, [&](int64_t c, int64_t len, int64_t p, auto run) {
-      const Vec pilot = IO::load(xs + c, len);
-      Vec a1 = Vec::loadu(s1 + c, len), a2 = Vec::loadu(s2 + c, len);
-      for (int j = 0; j < decltype(run)::value; ++j) {
-        const Vec d = IO::load(xs + (p + j) * nch + c, len) - pilot;
-        a1 = a1 + d;
-        a2 = at::vec::fmadd(d, d, a2);
-      }
-      a1.store(s1 + c, len);
-      a2.store(s2 + c, len);
+      add_shifted_run<decltype(run)::value>(xs, nch, c, len, p, s1, s2);
     });
   });
   std::vector<ChannelSums> sums(C);
@@ -401,11 +650,7 @@ void forward_nhwc(const GroupNormArgs& a, const scalar_t* x, const at::opmath_ty
     const scalar_t* xs = x + n * a.hw * nch;
     scalar_t* ys = y + n * a.hw * nch;
     forward_channel_vectors<scalar_t>(p0, p1, nch, [&](int64_t c, int64_t len, int64_t p, auto run) {
-      const Vec sc = Vec::loadu(sc_n + c, len), sh = Vec::loadu(sh_n + c, len);
-      for (int j = 0; j < decltype(run)::value; ++j) {
-        const int64_t off = (p + j) * nch + c;
-        IO::store(ys + off, norm_act(IO::load(xs + off, len), sc, sh, act), len);
-      }
+      write_run<decltype(run)::value>(xs, ys, nch, c, len, p, sc_n, sh_n, act);
     });
   });
 }
@@ -418,6 +663,9 @@ void backward_nhwc(const GroupNormArgs& a, const scalar_t* dy, const scalar_t* x
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
+  if (const int64_t k = nhwc_slice_groups(a, sizeof(scalar_t), 3, sizeof(at::opmath_type<scalar_t>)); k > 0) {
+    return backward_nhwc_slices(a, k, dy, x, w, b, mean_in, rstd_in, silu, dx, ds, dsx);
+  }
   const int64_t C = a.channels, cpg = C / a.groups;
   const int64_t blocks = (a.hw + kPixels - 1) / kPixels;
   // fp32 / fp64: pass 1 parks da in dx (exact) and pass 2 reads it back instead of a
