@@ -211,7 +211,7 @@ _WORK_ORDER_CASES = [  # (shape, groups, dtype)
     ((3, 264, 7, 5), 4, torch.bfloat16),      # runs of 4 pixels + the rest
     ((2, 40, 11, 13), 8, torch.float16),
     ((2, 48, 9, 7), 4, torch.float64),
-    ((2, 64, 96, 96), 32, torch.float32),     # pixel blocks under any L2 (2 channels per group)
+    ((2, 64, 96, 96), 32, torch.float32),     # 8-byte groups: pixel blocks unless the L2 is huge
 ]
 
 

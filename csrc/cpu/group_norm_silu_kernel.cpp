@@ -428,7 +428,7 @@ inline int64_t nhwc_slice_groups(const GroupNormArgs& a, int64_t elem_bytes, int
     const double scratch = double(a.hw) * double(k * cpg) * double(scratch_bytes);
     if (rows > strided_l2_share(width, stride, l2) * double(l2) || rows + scratch > double(l2)) continue;
     if (best == 0) best = k;
-    if (a.batch * ((a.groups + k - 1) / k) >= threads) {
+    if (a.batch * ceil_div(a.groups, k) >= threads) {
       best = k;
       break;
     }
@@ -455,7 +455,7 @@ struct Slice {
 // Calls body(slice) for each slice of slice_groups groups of each sample, in parallel.
 template <typename F>
 void parallel_over_slices(const GroupNormArgs& a, int64_t slice_groups, const F& body) {
-  const int64_t slices = (a.groups + slice_groups - 1) / slice_groups, cpg = a.channels / a.groups;
+  const int64_t slices = ceil_div(a.groups, slice_groups), cpg = a.channels / a.groups;
   const int64_t grain = task_grain(a.hw * slice_groups * cpg);
   at::parallel_for(0, a.batch * slices, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
