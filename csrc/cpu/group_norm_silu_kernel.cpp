@@ -11,6 +11,7 @@
 // kPixels pixels) with vectors running over channels, and per-block channel sums
 // are merged in block order. The arithmetic is the same whatever the split (thread
 // count, L2 size, slices or blocks): results are bitwise reproducible. No atomics.
+#include <ATen/ceil_div.h>
 #include <torch/library.h>
 
 #include <unistd.h>
@@ -407,8 +408,6 @@ inline double strided_l2_share(int64_t width, int64_t stride, int64_t l2) {
   return std::min(1.0, double(width) / double(std::gcd(stride, set_period)));
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Groups per slice task, or 0 for the pixel-block kernels: the largest count whose rows
 // (`strided` tensors of elem_bytes, the slice's x, dy, y or dx) fit their share of the L2
 // and, with `scratch_bytes` per element of contiguous scratch, the whole L2, preferring
@@ -428,13 +427,13 @@ inline int64_t nhwc_slice_groups(const GroupNormArgs& a, int64_t elem_bytes, int
     const double scratch = double(a.hw) * double(k * cpg) * double(scratch_bytes);
     if (rows > strided_l2_share(width, stride, l2) * double(l2) || rows + scratch > double(l2)) continue;
     if (best == 0) best = k;
-    if (a.batch * ceil_div(a.groups, k) >= threads) {
+    if (a.batch * at::ceil_div(a.groups, k) >= threads) {
       best = k;
       break;
     }
   }
   // as many slices, evened out (32 groups in slices of 25 -> of 16); narrower rows still fit
-  return best == 0 ? 0 : ceil_div(a.groups, ceil_div(a.groups, best));
+  return best == 0 ? 0 : at::ceil_div(a.groups, at::ceil_div(a.groups, best));
 }
 
 // A buffer of at least `count` elements, kept by the thread from call to call: the slices'
@@ -455,7 +454,7 @@ struct Slice {
 // Calls body(slice) for each slice of slice_groups groups of each sample, in parallel.
 template <typename F>
 void parallel_over_slices(const GroupNormArgs& a, int64_t slice_groups, const F& body) {
-  const int64_t slices = ceil_div(a.groups, slice_groups), cpg = a.channels / a.groups;
+  const int64_t slices = at::ceil_div(a.groups, slice_groups), cpg = a.channels / a.groups;
   const int64_t grain = task_grain(a.hw * slice_groups * cpg);
   at::parallel_for(0, a.batch * slices, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
