@@ -480,9 +480,9 @@ void forward_nhwc_slices(const GroupNormArgs& a, int64_t slice_groups, const sca
     const scalar_t* xs = x + t.sample_offset;
     scalar_t* ys = y + t.sample_offset;
     // per-channel chunk sums, then scale and shift
-    std::unique_ptr<acc_t[]> buf(new acc_t[4 * width_max]);
-    acc_t *s1 = buf.get(), *s2 = s1 + width, *sc = s2 + width, *sh = sc + width;
-    std::vector<ChannelSums> sums(width);
+    acc_t* s1 = thread_scratch<acc_t>(4 * width_max);
+    acc_t *s2 = s1 + width, *sc = s2 + width, *sh = sc + width;
+    ChannelSums* sums = thread_scratch<ChannelSums>(width_max);
     for (int64_t k = 0; k < width; ++k) sums[k] = {double(acc_t(xs[k])), 0.0, 0.0};
     // pass 1: shifted sums about pixel 0, as forward_nhwc's
     for (int64_t p0 = 0; p0 < hw; p0 += kPixels) {
