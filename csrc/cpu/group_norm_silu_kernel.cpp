@@ -33,15 +33,16 @@ namespace {
 // Pixels per channels-last task (x C channels each).
 constexpr int64_t kPixels = 256;
 
-// Pixels per run of the channels-last forward (channel_vectors_by_runs), used from
-// kRunMinChannels channels on. Forward, pixel by pixel -> runs of 4, fp32 on a Zen 4, one
-// process, glibc memory kept, min of 57 interleaved rounds: 1x512x64x64 0.406 -> 0.345 ms,
-// 2x320x64x64 0.435 -> 0.380, 2x1280x16x16 0.162 -> 0.134, but 1x128x256x256 2.087 -> 2.635
-// (and 2.513 -> 4.077, 128x128x32x32 5.165 -> 8.309 in another run; the cause is not known,
-// that VM has no hardware counters). The backward goes pixel by pixel: runs measured slower
-// in its first pass at 64x64 maps, within noise in its second.
+// Pixels per run of the channels-last slice kernels (channel_vectors_by_runs), which read
+// their second pass from L2. The pixel-block forward goes pixel by pixel: runs of 4 there
+// (several rows 2 KB and more apart streamed at once per thread) measured faster back to
+// back but slower as soon as x comes from memory or L3. fp32, Zen 4, 2 threads, glibc
+// memory kept, one process, the two loops interleaved, medians of 60 rounds, after a 64 MB
+// write / right after that call, runs of 4 -> pixel by pixel: 1x512x64x64 0.828 -> 0.677 /
+// 0.733 -> 0.584 ms, 2x320x64x64 1.146 -> 0.800 / 1.065 -> 0.733, 1x256x128x128 2.747 ->
+// 1.640 / 2.609 -> 1.524. The backward's pixel blocks go pixel by pixel too: runs measured
+// slower in its first pass at 64x64 maps, within noise in its second.
 constexpr int kRun = 4;
-constexpr int64_t kRunMinChannels = 256;
 
 // NC* prefetches this far ahead the streams pass 1 reads (x; dy in the backward) and those pass
 // 2 writes (y; dx), the latter for writing. NC* full, fp32, Zen 4, glibc memory kept, warm caches,
@@ -342,16 +343,6 @@ inline void channel_vectors_by_runs(int64_t p0, int64_t p1, int64_t nch, const F
   }
 }
 
-// Runs where they measured faster: with C >= kRunMinChannels (see kRun).
-template <typename scalar_t, typename F>
-inline void forward_channel_vectors(int64_t p0, int64_t p1, int64_t nch, const F& f) {
-  if (nch >= kRunMinChannels) {
-    channel_vectors_by_runs<kRun, scalar_t>(p0, p1, nch, f);
-  } else {
-    channel_vectors_by_runs<1, scalar_t>(p0, p1, nch, f);
-  }
-}
-
 // The channels-last forward's steps over one channel vector [c, c + len) of a run of pixels
 // [p, p + kLength), shared by the pixel-block and slice kernels (one arithmetic in both).
 // Pass 1: adds x - x at pixel 0 to the chunk sums s1 and s2.
@@ -611,7 +602,7 @@ void forward_nhwc(const GroupNormArgs& a, const scalar_t* x, const at::opmath_ty
     acc_t* s2 = s1 + nch;
     std::fill(s1, s1 + 2 * nch, acc_t(0));
     // pixel-major: x streams in memory order; the 2C sums stay in L1
-    forward_channel_vectors<scalar_t>(p0, p1, nch, [&](int64_t c, int64_t len, int64_t p, auto run) {
+    channel_vectors_by_runs<1, scalar_t>(p0, p1, nch, [&](int64_t c, int64_t len, int64_t p, auto run) {
       add_shifted_run<decltype(run)::value>(xs, nch, c, len, p, s1, s2);
     });
   });
@@ -648,7 +639,7 @@ void forward_nhwc(const GroupNormArgs& a, const scalar_t* x, const at::opmath_ty
     const acc_t* sh_n = shift.data() + n * nch;
     const scalar_t* xs = x + n * a.hw * nch;
     scalar_t* ys = y + n * a.hw * nch;
-    forward_channel_vectors<scalar_t>(p0, p1, nch, [&](int64_t c, int64_t len, int64_t p, auto run) {
+    channel_vectors_by_runs<1, scalar_t>(p0, p1, nch, [&](int64_t c, int64_t len, int64_t p, auto run) {
       write_run<decltype(run)::value>(xs, ys, nch, c, len, p, sc_n, sh_n, act);
     });
   });
